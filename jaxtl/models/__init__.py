@@ -1,0 +1,86 @@
+"""Flax ResNets with torchvision's layout and fastai/torchvision heads.
+
+``create_model(arch, num_classes, head="fastai"|"linear", dtype=jnp.float32)`` returns a linen module::
+
+    variables = model.init(rng, images_nhwc, train=False)          # {"params", "batch_stats"}
+    logits = model.apply(variables, images_nhwc, train=False)       # (N, num_classes) float32
+    logits, upd = model.apply(variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": key})
+
+Two extra methods split the forward pass, e.g. to run a frozen body without its backward pass:
+``model.apply(v, x, train, method="features")`` -> (N, h, w, C) and
+``model.apply(v, feats, train, method="classify")`` -> logits.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxtl.models.heads import FastaiHead, LinearHead, concat_pool
+from jaxtl.models.norm import BatchNorm
+from jaxtl.models.resnet import ARCHS, ResNetBody, feature_dim
+
+HEADS = ("fastai", "linear")
+
+
+class ResNet(nn.Module):
+    """Body + head. Parameters: ``{"body": ..., "head": ...}``."""
+
+    arch: str = "resnet34"
+    num_classes: int = 1000
+    head_kind: str = "fastai"
+    dtype: Any = jnp.float32
+    zero_init_residual: bool = False
+    head_dropout: float = 0.5
+    axis_name: str | None = None
+
+    def setup(self) -> None:
+        self.body = ResNetBody(self.arch, self.zero_init_residual, self.dtype, self.axis_name)
+        if self.head_kind == "fastai":
+            self.head = FastaiHead(self.num_classes, dropout=self.head_dropout, dtype=self.dtype,
+                                   axis_name=self.axis_name)
+        else:
+            self.head = LinearHead(self.num_classes, dtype=self.dtype)
+
+    def features(self, x: jax.Array, train: bool = False) -> jax.Array:
+        return self.body(x, train)
+
+    def classify(self, feats: jax.Array, train: bool = False) -> jax.Array:
+        return self.head(feats, train)
+
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        return self.classify(self.features(x, train), train)
+
+
+def create_model(
+    arch: str,
+    num_classes: int,
+    head: str = "fastai",
+    dtype: Any = jnp.float32,
+    *,
+    zero_init_residual: bool = False,
+    head_dropout: float = 0.5,
+    axis_name: str | None = None,
+) -> ResNet:
+    """Build a ResNet; ``dtype`` is the compute precision (parameters stay float32)."""
+    if arch not in ARCHS:
+        raise ValueError(f"model.arch={arch!r} is not known; choose one of {sorted(ARCHS)}")
+    if head not in HEADS:
+        raise ValueError(f"model.head={head!r} is not known; choose one of {list(HEADS)}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    return ResNet(arch, num_classes, head, dtype, zero_init_residual, head_dropout, axis_name)
+
+
+def count_params(params: Any) -> int:
+    """Number of trainable scalars in a parameter tree (BatchNorm scale/bias count, running stats not)."""
+    return sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
+
+
+__all__ = [
+    "ARCHS", "HEADS", "BatchNorm", "FastaiHead", "LinearHead", "ResNet", "ResNetBody", "concat_pool",
+    "count_params", "create_model", "feature_dim",
+]
