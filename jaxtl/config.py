@@ -117,3 +117,36 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.data.source in ("folder", "name_func") and not config.data.path:
         raise ValueError(f"config field data.path is empty but data.source={config.data.source!r} needs a folder; "
                          "pass --config.data.path=/path/to/images")
+
+
+def field_paths(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """Every leaf field as a dotted path, e.g. ``train.lr``."""
+    out = []
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, ml_collections.ConfigDict):
+            out.extend(field_paths(value, path + "."))
+        else:
+            out.append(path)
+    return out
+
+
+def check_override_names(argv: Iterable[str], flag: str = "config") -> None:
+    """Reject ``--config.<field>=`` overrides naming no field of :func:`base_config`, with the closest names.
+
+    ml_collections would raise a bare AttributeError traceback; a user gets one line instead.
+    """
+    valid = field_paths(base_config())
+    bad = []
+    for arg in argv:
+        if not arg.startswith(f"--{flag}."):
+            continue
+        name = arg[len(flag) + 3:].split("=", 1)[0]
+        if name not in valid:
+            hint = closest(name, valid) or closest(name.split(".")[-1], [v.split(".")[-1] for v in valid])
+            bad.append(f"--{flag}.{name}" + (f" (did you mean {', '.join(hint)}?)" if hint else ""))
+    if bad:
+        raise ValueError(
+            "unknown config field(s): " + "; ".join(bad)
+            + ". Valid fields are listed in jaxtl/config.py and the README's 'Config fields' table."
+        )
