@@ -1,0 +1,160 @@
+"""The training state and the pure train / eval / predict step builders.
+
+Everything here is a pure function of pytrees, meant to be wrapped by ``jaxtl.parallel`` (``jax.jit`` over a
+device mesh, or ``jax.pmap``). No I/O, no Python side effects inside the steps.
+
+Freezing (fastai semantics): the ``trainable`` mask (a pytree of Python bools shaped like the parameters, see
+``jaxtl.groups.trainable_mask``) is static. Gradients are taken only with respect to the trainable leaves, so
+XLA never computes weight gradients for frozen convolutions; frozen leaves are copied through unchanged
+(bit-identical) whatever the optimiser does. BatchNorm layers always run in train mode during training, frozen
+or not, so their running statistics keep moving as in fastai (whose ``BnFreeze`` callback is opt-in). When no
+body parameter is trainable (``freeze()`` with ``train_bn=False``) the body runs forward under
+``stop_gradient`` and the backward pass covers the head only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from jaxtl import metrics
+
+PyTree = Any
+Batch = dict[str, jax.Array]
+
+
+class TrainState(struct.PyTreeNode):
+    """Everything a train step reads and writes.
+
+    ``step`` counts optimiser steps over the whole life of the Learner (it never resets between phases); the
+    dropout key of a step is ``fold_in(rng, step)``. Schedules read their own count from ``opt_state``.
+    """
+
+    step: jax.Array
+    params: PyTree
+    batch_stats: PyTree
+    opt_state: PyTree
+    rng: jax.Array
+
+    @classmethod
+    def create(cls, params: PyTree, batch_stats: PyTree, tx: optax.GradientTransformation, rng: jax.Array,
+               step: int = 0) -> TrainState:
+        """A fresh state with ``tx.init(params)`` as optimiser state."""
+        return cls(step=jnp.asarray(step, jnp.int32), params=params, batch_stats=batch_stats,
+                   opt_state=tx.init(params), rng=jnp.asarray(rng))
+
+    @property
+    def variables(self) -> dict[str, PyTree]:
+        return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Per-example softmax cross-entropy in float32 (fastai's ``CrossEntropyLossFlat`` before the mean)."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+
+
+def _flat_mask(trainable: PyTree, params: PyTree) -> tuple[list[bool], Any]:
+    treedef = jax.tree_util.tree_structure(params)
+    mask_leaves = treedef.flatten_up_to(trainable)
+    return [bool(m) for m in mask_leaves], treedef
+
+
+def body_is_frozen(trainable: PyTree) -> bool:
+    """True when no leaf under ``params["body"]`` is trainable."""
+    if not isinstance(trainable, dict) or "body" not in trainable:
+        return False
+    return not any(bool(m) for m in jax.tree_util.tree_leaves(trainable["body"]))
+
+
+def make_train_step(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    trainable: PyTree,
+    *,
+    axis_name: str | None = None,
+    split_frozen_body: bool = True,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """Build ``step(state, batch) -> (state, {"loss": mean loss})``.
+
+    ``trainable``: bools shaped like ``state.params`` (static). ``axis_name``: set under ``pmap`` to average the
+    gradients and the loss over devices (BatchNorm syncs through the model's own ``axis_name``). Under sharded
+    ``jit`` the mean over the global batch is already global and no collective is written here.
+    ``split_frozen_body``: when the body has no trainable leaf, run it as a separate forward pass under
+    ``stop_gradient`` (no backward pass through it).
+    """
+    frozen_body = split_frozen_body and body_is_frozen(trainable)
+
+    def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        mask, treedef = _flat_mask(trainable, state.params)
+        flat = treedef.flatten_up_to(state.params)
+        train_leaves = [p for p, m in zip(flat, mask, strict=True) if m]
+
+        def merge(new_train: list[jax.Array], fill: list[jax.Array]) -> PyTree:
+            it = iter(new_train)
+            return treedef.unflatten([next(it) if m else f for m, f in zip(mask, fill, strict=True)])
+
+        rng = jax.random.fold_in(state.rng, state.step)
+        if axis_name is not None:
+            rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+        images, labels = batch["image"], batch["label"]
+
+        if frozen_body:
+            feats, mut = model.apply(state.variables, images, True, method="features", mutable=["batch_stats"])
+            inputs, method, batch_stats = jax.lax.stop_gradient(feats), "classify", mut["batch_stats"]
+        else:
+            inputs, method, batch_stats = images, None, state.batch_stats
+
+        def loss_fn(leaves: list[jax.Array]) -> tuple[jax.Array, PyTree]:
+            params = merge(leaves, flat)
+            logits, mut = model.apply({"params": params, "batch_stats": batch_stats}, inputs, True,
+                                      method=method, mutable=["batch_stats"], rngs={"dropout": rng})
+            return cross_entropy(logits, labels).mean(), mut["batch_stats"]
+
+        (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(train_leaves)
+        if axis_name is not None:
+            grads, loss = jax.lax.pmean((grads, loss), axis_name)
+        full_grads = merge(grads, [jnp.zeros_like(p) for p in flat])
+        updates, opt_state = tx.update(full_grads, state.opt_state, state.params)
+        stepped = treedef.flatten_up_to(optax.apply_updates(state.params, updates))
+        # frozen leaves: the old arrays, untouched (bit-identical whatever the optimiser returned for them)
+        params = merge([s for s, m in zip(stepped, mask, strict=True) if m], flat)
+        new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state)
+        return new_state, {"loss": loss}
+
+    return step
+
+
+def make_eval_step(
+    model: nn.Module, *, axis_name: str | None = None
+) -> Callable[[dict[str, PyTree], Batch], dict[str, jax.Array]]:
+    """Build ``step(variables, batch) -> sums`` (see ``jaxtl.metrics.eval_sums``), masked by ``batch["mask"]``.
+
+    Under ``pmap`` (``axis_name`` set) the sums are ``psum``-ed over devices.
+    """
+
+    def step(variables: dict[str, PyTree], batch: Batch) -> dict[str, jax.Array]:
+        logits = model.apply(variables, batch["image"], False)
+        mask = batch.get("mask")
+        if mask is None:
+            mask = jnp.ones(batch["label"].shape, bool)
+        sums = metrics.eval_sums(logits, batch["label"], mask)
+        if axis_name is not None:
+            sums = jax.lax.psum(sums, axis_name)
+        return sums
+
+    return step
+
+
+def make_predict_step(model: nn.Module) -> Callable[[dict[str, PyTree], jax.Array], jax.Array]:
+    """Build ``step(variables, images) -> softmax probabilities`` (float32, eval mode)."""
+
+    def step(variables: dict[str, PyTree], images: jax.Array) -> jax.Array:
+        return jax.nn.softmax(model.apply(variables, images, False).astype(jnp.float32), axis=-1)
+
+    return step
