@@ -1,0 +1,467 @@
+"""``build_data``: the tf.data input pipeline behind the training engine (contract in docs/design.md).
+
+Training epoch ``e`` on process ``i`` of ``n``:
+
+1. order: files -- a permutation of all training items from ``numpy.random.default_rng([seed, e])`` (the same
+   on every process), dealt round-robin (process ``i`` takes positions ``i, i+n, ...``) and cut to
+   ``steps_per_epoch * batch_size``; with ``data.cache`` or TFDS -- the process's fixed shard through
+   ``Dataset.shuffle`` seeded from ``(seed, e, i)`` (full-size buffer when cached, ``data.shuffle_buffer`` for
+   TFDS).
+2. per image (parallel map): RandomResizedCrop box from a stateless seed ``fold_in(key(seed, e, i), position)``,
+   decode (JPEG: only the crop window), antialiased bilinear resize to ``size``, uint8.
+3. per batch: affine/warp + lighting with seed ``fold_in(key', batch_index)``, ImageNet normalisation.
+
+Every random number is a function of ``(seed, epoch, process, position)``, so ``start_step=k`` yields exactly
+batches ``k, k+1, ...`` of the full epoch. Validation: squish to ``size + xtra``, centre crop, normalise; the
+process's share (items ``i::n``) is padded to the same number of batches on every process with masked zeros.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from jaxtl.data import augment, decode, sources
+
+log = logging.getLogger("jaxtl.data")
+
+# jaxtl computes with JAX; keep TF (input pipeline only) off any GPU it might see.
+try:
+    tf.config.set_visible_devices([], "GPU")
+except (RuntimeError, ValueError):  # already initialised by the caller: leave it
+    pass
+
+
+class DataWarning(UserWarning):
+    """Something about the data that training can go on with (corrupt files skipped, odd class split)."""
+
+
+def _warn(msg: str) -> None:
+    warnings.warn(msg, DataWarning, stacklevel=3)
+
+
+def _key(*parts: int) -> np.ndarray:
+    """A ``[2]`` int64 stateless-RNG seed derived from non-negative integers."""
+    state = np.random.SeedSequence([int(p) % (2**63) for p in parts]).generate_state(2, np.uint32)
+    return state.astype(np.int64)
+
+
+_STREAM_CROP, _STREAM_BATCH, _STREAM_SHUFFLE = 1, 2, 3
+
+
+class DataBundle:
+    """Everything the engine needs from the data: classes, sizes and batch iterators (see module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        classes: list[str],
+        aug: augment.AugParams,
+        batch_size: int,
+        seed: int,
+        process_index: int,
+        process_count: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        num_parallel: int | None,
+        num_train: int,
+        num_valid: int,
+        source: _Source,
+        corrupt: dict[str, str],
+        description: str,
+    ) -> None:
+        self.classes = classes
+        self.aug = aug
+        self.size = aug.size
+        self.batch_size = batch_size
+        self.seed = seed
+        self.process_index = process_index
+        self.process_count = process_count
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.num_parallel = num_parallel
+        self.num_train = num_train
+        self.num_valid = num_valid
+        self.corrupt = corrupt  # {path: reason} of the files left out
+        self.description = description
+        self._source = source
+        per_process = num_train // process_count
+        self.steps_per_epoch = per_process // batch_size
+        if self.steps_per_epoch < 1:
+            raise ValueError(
+                f"the training set has {num_train} image(s), {per_process} per process, fewer than one batch of "
+                f"{batch_size}; lower train.batch_size (global batch = per-process batch x {process_count} "
+                f"process(es)) or add images ({description})")
+        n_local_max = -(-num_valid // process_count)
+        self.valid_steps = -(-n_local_max // batch_size)
+        self._valid_ds: tf.data.Dataset | None = None
+        self._eval_fn = tf.function(self._eval_transform, input_signature=[tf.TensorSpec([], tf.string)])
+
+    # ------------------------------------------------------------------------------------- training
+    def train_batches(self, epoch: int, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        """Batches ``start_step .. steps_per_epoch-1`` of ``epoch``: ``{"image": f32 (B,S,S,3), "label": i32 (B,)}``."""
+        if not 0 <= start_step <= self.steps_per_epoch:
+            raise ValueError(f"start_step={start_step} is outside [0, steps_per_epoch={self.steps_per_epoch}]")
+        return self._train_dataset(epoch, start_step).as_numpy_iterator()
+
+    def _train_dataset(self, epoch: int, start_step: int) -> tf.data.Dataset:
+        b, s = self.batch_size, self.size
+        n_items = self.steps_per_epoch * b
+        ds, decoded = self._source.train_elements(epoch, self.seed, n_items, start_step * b)
+        crop_key = tf.constant(_key(self.seed, epoch, self.process_index, _STREAM_CROP))
+        batch_key = tf.constant(_key(self.seed, epoch, self.process_index, _STREAM_BATCH))
+        min_scale = self.aug.min_scale
+
+        def item(x: tf.Tensor, label: tf.Tensor, pos: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+            key = tf.random.experimental.stateless_fold_in(crop_key, pos)
+            crop = lambda h, w: augment.random_resized_crop_params(key, h, w, min_scale)
+            img = decode.crop_box(x, crop(tf.shape(x)[0], tf.shape(x)[1])) if decoded else decode.decode_crop(x, crop)
+            return augment.resize_uint8(img, s, s), label, pos
+
+        def batch(img: tf.Tensor, label: tf.Tensor, pos: tf.Tensor) -> dict[str, tf.Tensor]:
+            key = tf.random.experimental.stateless_fold_in(batch_key, pos[0] // b)
+            x = augment.augment_batch(tf.cast(img, tf.float32) / 255.0, key, self.aug)
+            return {"image": augment.normalize(x, self.mean, self.std), "label": label}
+
+        ds = ds.map(item, num_parallel_calls=self.num_parallel, deterministic=True)
+        ds = ds.batch(b, drop_remainder=True)
+        ds = ds.map(batch, num_parallel_calls=self.num_parallel, deterministic=True)
+        return ds.prefetch(tf.data.AUTOTUNE)
+
+    # ----------------------------------------------------------------------------------- validation
+    def valid_batches(self) -> Iterator[dict[str, np.ndarray]]:
+        """All of this process's validation images once, in ``valid_items`` order, padded to ``valid_steps``
+        batches: ``{"image": f32 (B,S,S,3), "label": i32 (B,), "mask": bool (B,)}`` (mask False on padding)."""
+        if self._valid_ds is None:
+            self._valid_ds = self._build_valid()
+        return self._valid_ds.as_numpy_iterator()
+
+    def _build_valid(self) -> tf.data.Dataset:
+        s, b = self.size, self.batch_size
+        ds, decoded, n_local = self._source.valid_elements()
+
+        def item(x: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+            img = x if decoded else decode.decode_rgb(x)
+            return augment.eval_resize_crop(img, s), label, tf.constant(True)
+
+        ds = ds.map(item, num_parallel_calls=self.num_parallel, deterministic=True)
+        if self._source.cache:
+            ds = ds.cache()
+        pad = self.valid_steps * b - n_local
+        if pad:
+            zero = (tf.zeros([s, s, 3], tf.uint8), tf.constant(0, tf.int32), tf.constant(False))
+            ds = ds.concatenate(tf.data.Dataset.from_tensors(zero).repeat(pad))
+
+        def batch(img: tf.Tensor, label: tf.Tensor, mask: tf.Tensor) -> dict[str, tf.Tensor]:
+            x = augment.normalize(tf.cast(img, tf.float32) / 255.0, self.mean, self.std)
+            return {"image": x, "label": label, "mask": mask}
+
+        ds = ds.batch(b).map(batch, num_parallel_calls=self.num_parallel, deterministic=True)
+        return ds.prefetch(tf.data.AUTOTUNE)
+
+    @property
+    def valid_items(self) -> list[tuple[str, int]]:
+        """(path or TFDS id, label index) of this process's validation images in ``valid_batches`` order
+        (the whole validation set when ``process_count == 1``)."""
+        return self._source.valid_items()
+
+    # ------------------------------------------------------------------------------------ prediction
+    def _eval_transform(self, data: tf.Tensor) -> tf.Tensor:
+        img = augment.eval_resize_crop(decode.decode_rgb(data), self.size)
+        return augment.normalize(tf.cast(img, tf.float32) / 255.0, self.mean, self.std)
+
+    def preprocess_eval(self, image: str | os.PathLike | bytes | np.ndarray) -> np.ndarray:
+        """The validation transform for prediction: a file path, encoded bytes or a uint8 ``(h, w, 3)`` array
+        -> float32 ``(S, S, 3)`` normalised."""
+        if isinstance(image, np.ndarray):
+            if image.ndim != 3 or image.shape[-1] != 3:
+                raise ValueError(f"preprocess_eval expects a (h, w, 3) array, got shape {image.shape}")
+            img = augment.eval_resize_crop(tf.convert_to_tensor(image.astype(np.uint8)), self.size)
+            return augment.normalize(tf.cast(img, tf.float32) / 255.0, self.mean, self.std).numpy()
+        name = "the given bytes" if isinstance(image, bytes | bytearray) else str(image)
+        try:
+            data = decode.load_bytes(image)
+        except OSError as e:
+            raise FileNotFoundError(f"cannot read image {name}: {e.strerror}") from e
+        try:
+            return self._eval_fn(tf.constant(data)).numpy()
+        except tf.errors.InvalidArgumentError as e:
+            raise ValueError(f"cannot decode image {name}: {e.message.strip().splitlines()[-1]}") from e
+
+    def denormalize(self, images: np.ndarray) -> np.ndarray:
+        """Normalised images -> float32 in [0, 1] for plotting (same shape)."""
+        return augment.denormalize(images, self.mean, self.std)
+
+    def __repr__(self) -> str:
+        return (f"DataBundle({self.num_train} train / {self.num_valid} valid images, {len(self.classes)} classes, "
+                f"size {self.size}, batch {self.batch_size} x {self.steps_per_epoch} steps/epoch, "
+                f"process {self.process_index}/{self.process_count}; {self.description})")
+
+
+# -------------------------------------------------------------------------------------------- sources
+
+class _Source:
+    """Yields raw training/validation elements for one process; DataBundle adds the transforms."""
+
+    cache: bool = False
+
+    def train_elements(self, epoch: int, seed: int, n_items: int, start: int) -> tuple[tf.data.Dataset, bool]:
+        """``(dataset of (bytes or uint8 image, label int32, position int64), decoded?)`` for positions
+        ``start .. n_items-1`` of the epoch."""
+        raise NotImplementedError
+
+    def valid_elements(self) -> tuple[tf.data.Dataset, bool, int]:
+        """``(dataset of (bytes or image, label int32), decoded?, number of elements)``."""
+        raise NotImplementedError
+
+    def valid_items(self) -> list[tuple[str, int]]:
+        raise NotImplementedError
+
+
+class _FileSource(_Source):
+    def __init__(self, train: list[tuple[str, int]], valid: list[tuple[str, int]], pi: int, pc: int,
+                 cache: bool, num_parallel: int | None) -> None:
+        self.train_paths = np.array([p for p, _ in train], dtype=object)
+        self.train_labels = np.array([y for _, y in train], np.int32)
+        self.valid = valid[pi::pc]
+        self.pi, self.pc, self.cache, self.num_parallel = pi, pc, cache, num_parallel
+        self._decoded: tf.data.Dataset | None = None
+
+    def _decoded_shard(self) -> tf.data.Dataset:
+        if self._decoded is None:  # this process's fixed shard, decoded once and kept in memory
+            ds = tf.data.Dataset.from_tensor_slices((self.train_paths[self.pi::self.pc].astype(str),
+                                                     self.train_labels[self.pi::self.pc]))
+            ds = ds.map(lambda p, y: (decode.decode_rgb(tf.io.read_file(p)), y),
+                        num_parallel_calls=self.num_parallel, deterministic=True)
+            self._decoded = ds.cache()
+        return self._decoded
+
+    def train_elements(self, epoch: int, seed: int, n_items: int, start: int) -> tuple[tf.data.Dataset, bool]:
+        if self.cache:
+            shard = self._decoded_shard()
+            n_shard = len(self.train_paths[self.pi::self.pc])
+            shuffle_seed = int(_key(seed, epoch, self.pi, _STREAM_SHUFFLE)[0])
+            ds = shard.shuffle(n_shard, seed=shuffle_seed, reshuffle_each_iteration=False).take(n_items)
+            ds = ds.enumerate().skip(start).map(lambda k, e: (e[0], e[1], k))
+            return ds, True
+        perm = np.random.default_rng([seed % (2**63), epoch]).permutation(len(self.train_paths))
+        mine = perm[self.pi::self.pc][:n_items][start:]
+        pos = np.arange(start, n_items, dtype=np.int64)
+        ds = tf.data.Dataset.from_tensor_slices(
+            (self.train_paths[mine].astype(str), self.train_labels[mine], pos))
+        return ds.map(lambda p, y, k: (tf.io.read_file(p), y, k)), False
+
+    def valid_elements(self) -> tuple[tf.data.Dataset, bool, int]:
+        paths = [p for p, _ in self.valid]
+        labels = np.array([y for _, y in self.valid], np.int32)
+        ds = tf.data.Dataset.from_tensor_slices((tf.constant(paths, tf.string), labels))
+        return ds.map(lambda p, y: (tf.io.read_file(p), y)), False, len(paths)
+
+    def valid_items(self) -> list[tuple[str, int]]:
+        return list(self.valid)
+
+
+class _TfdsSource(_Source):
+    def __init__(self, builder: Any, train_split: str, valid_split: str | None, valid_mask: np.ndarray | None,
+                 image_key: str, label_key: str, remap: np.ndarray, pi: int, pc: int, cache: bool,
+                 shuffle_buffer: int, num_valid: int) -> None:
+        self.builder, self.train_split, self.valid_split = builder, train_split, valid_split
+        self.valid_mask = valid_mask  # train-split index -> is validation (valid_pct split) or None
+        self.image_key, self.label_key = image_key, label_key
+        self.remap = tf.constant(remap, tf.int32)  # TFDS label index -> sorted class index
+        self.pi, self.pc, self.cache, self.shuffle_buffer = pi, pc, cache, shuffle_buffer
+        self.num_valid_local = len(range(pi, num_valid, pc))  # Dataset.shard keeps elements pi, pi+pc, ...
+        self._train_base: tf.data.Dataset | None = None
+        self._valid_items: list[tuple[str, int]] | None = None
+
+    def _read(self, split: str) -> tf.data.Dataset:
+        import tensorflow_datasets as tfds
+
+        decoders = {k: tfds.decode.SkipDecoding() for k, f in self.builder.info.features.items()
+                    if isinstance(f, tfds.features.Image)}
+        cfg = tfds.ReadConfig(add_tfds_id=True, shuffle_seed=None)
+        ds = self.builder.as_dataset(split=split, shuffle_files=False, decoders=decoders, read_config=cfg)
+        ik, lk, remap = self.image_key, self.label_key, self.remap
+        return ds.map(lambda e: (e[ik], tf.gather(remap, tf.cast(e[lk], tf.int32)), e["tfds_id"]))
+
+    def _split(self, valid: bool) -> tf.data.Dataset:
+        if self.valid_mask is None:
+            split = self.valid_split if valid else self.train_split
+            ds = self._read(split)
+        else:
+            mask = tf.constant(self.valid_mask)
+            ds = self._read(self.train_split).enumerate()
+            ds = ds.filter(lambda i, e: tf.equal(tf.gather(mask, i), valid)).map(lambda i, e: e)
+        return ds.shard(self.pc, self.pi)
+
+    def train_elements(self, epoch: int, seed: int, n_items: int, start: int) -> tuple[tf.data.Dataset, bool]:
+        if self._train_base is None:
+            base = self._split(False).map(lambda x, y, i: (x, y))
+            self._train_base = base.cache() if self.cache else base
+        shuffle_seed = int(_key(seed, epoch, self.pi, _STREAM_SHUFFLE)[0])
+        ds = self._train_base.shuffle(self.shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
+        ds = ds.take(n_items).enumerate().skip(start).map(lambda k, e: (e[0], e[1], k))
+        return ds, False
+
+    def valid_elements(self) -> tuple[tf.data.Dataset, bool, int]:
+        return self._split(True).map(lambda x, y, i: (x, y)), False, self.num_valid_local
+
+    def valid_items(self) -> list[tuple[str, int]]:
+        if self._valid_items is None:  # one pass over the split's ids and labels (image bytes not decoded)
+            ds = self._split(True).map(lambda x, y, i: (i, y))
+            self._valid_items = [(i.decode(), int(y)) for i, y in ds.as_numpy_iterator()]
+        return self._valid_items
+
+
+# --------------------------------------------------------------------------------------- build_data
+
+def _num_parallel(num_workers: int) -> int | None:
+    if num_workers < 0:
+        return tf.data.AUTOTUNE
+    return num_workers or None  # 0 = sequential
+
+
+def _drop_corrupt(split: sources.FileSplit, on_corrupt: str, cache_dir: str | None,
+                  num_parallel: int | None) -> tuple[sources.FileSplit, dict[str, str]]:
+    paths = [p for p, _ in split.train + split.valid]
+    bad = decode.scan_images(paths, split.root, cache_dir=cache_dir, num_parallel=num_parallel or 1)
+    if not bad:
+        return split, {}
+    lines = "\n  ".join(f"{p}: {why}" for p, why in bad.items())
+    if on_corrupt == "error":
+        raise ValueError(f"{len(bad)} unreadable image file(s) under {split.root}:\n  {lines}\n"
+                         "Fix or delete them, or set data.on_corrupt=skip to leave them out.")
+    if on_corrupt != "skip":
+        raise ValueError(f"config field data.on_corrupt={on_corrupt!r} is not valid; choose 'skip' or 'error'")
+    _warn(f"skipping {len(bad)} unreadable image file(s) under {split.root}:\n  {lines}")
+    keep = lambda items: [(p, y) for p, y in items if p not in bad]
+    return sources.FileSplit(keep(split.train), keep(split.valid), split.root, split.how, split.warnings), bad
+
+
+def _default_tfds_dir() -> str:
+    return os.environ.get("TFDS_DATA_DIR") or str(Path.home() / "tensorflow_datasets")
+
+
+def _tfds_source(data_cfg: Any, pi: int, pc: int, cache: bool, download: bool, image_key: str,
+                 label_key: str) -> tuple[_TfdsSource, list[str], int, int, str]:
+    import tensorflow_datasets as tfds
+
+    name = str(data_cfg.tfds_name)
+    data_dir = str(data_cfg.data_dir) or _default_tfds_dir()
+    if download:
+        tfds.builder(name, data_dir=data_dir).download_and_prepare()
+    path = sources.resolve_tfds(name, data_dir)
+    builder = tfds.builder_from_directory(path)
+    info = builder.info
+    feats = info.features
+    if image_key not in feats or label_key not in feats:
+        raise ValueError(f"TFDS dataset {name!r} has features {list(feats.keys())}; jaxtl needs an image feature "
+                         f"{image_key!r} and a class-label feature {label_key!r} (build_data(image_key=, label_key=))")
+    names = list(feats[label_key].names)
+    classes = sorted(names)
+    remap = np.array([classes.index(n) for n in names], np.int32)
+    splits = {k: v.num_examples for k, v in info.splits.items()}
+    if "train" not in splits:
+        raise ValueError(f"TFDS dataset {name!r} has no 'train' split (splits: {sorted(splits)})")
+    valid_split = next((s for s in ("validation", "valid", "val", "test") if s in splits), None)
+    valid_mask = None
+    if valid_split is None:
+        n = splits["train"]
+        _, va = sources.random_split(n, float(data_cfg.valid_pct), int(data_cfg.seed))
+        valid_mask = np.zeros(n, bool)
+        valid_mask[va] = True
+        num_train, num_valid = n - len(va), len(va)
+        how = f"TFDS {name} at {path}: random valid_pct={data_cfg.valid_pct} split of 'train'"
+    else:
+        num_train, num_valid = splits["train"], splits[valid_split]
+        how = f"TFDS {name} at {path}: splits 'train' and {valid_split!r}"
+    src = _TfdsSource(builder, "train", valid_split, valid_mask, image_key, label_key, remap, pi, pc, cache,
+                      max(1, int(data_cfg.shuffle_buffer)), num_valid)
+    return src, classes, num_train, num_valid, how
+
+
+def build_data(
+    data_cfg: Any,
+    batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    *,
+    label_func: Callable[[Any], Any] | None = None,
+    files: Sequence[str | os.PathLike] | None = None,
+    cache_dir: str | None = None,
+    download: bool = False,
+    image_key: str = "image",
+    label_key: str = "label",
+) -> DataBundle:
+    """Build the input pipeline for ``config.data`` (see the module docstring and docs/design.md).
+
+    ``batch_size`` is per process. ``label_func`` overrides ``data.label`` (it gets the file name for
+    ``source='name_func'``, the path for ``'folder'``); ``files`` is an explicit file list for ``'name_func'``;
+    ``cache_dir`` holds the corrupt-scan cache and the demo images (default ``$JAXTL_CACHE_DIR`` or
+    ``~/.cache/jaxtl``); ``download=True`` lets TFDS download and prepare a missing dataset;
+    ``image_key``/``label_key`` name the TFDS features.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
+    aug = augment.AugParams.from_config(data_cfg)
+    for field in ("mean", "std"):
+        v = tuple(getattr(data_cfg, field))
+        if len(v) != 3:
+            raise ValueError(f"config field data.{field} needs 3 values (RGB), got {v}")
+    if any(float(x) <= 0 for x in data_cfg.std):
+        raise ValueError(f"config field data.std must be positive, got {tuple(data_cfg.std)}")
+    source_name = str(data_cfg.source)
+    valid_pct, split_seed = float(data_cfg.valid_pct), int(data_cfg.seed)
+    if not 0.0 <= valid_pct < 1.0:
+        raise ValueError(f"config field data.valid_pct must be in [0, 1), got {valid_pct}")
+    num_parallel = _num_parallel(int(data_cfg.num_workers))
+    cache = bool(data_cfg.cache)
+    corrupt: dict[str, str] = {}
+    if source_name == "tfds":
+        src, classes, num_train, num_valid, how = _tfds_source(
+            data_cfg, process_index, process_count, cache, download, image_key, label_key)
+        if num_train == 0:
+            raise ValueError(f"the training split of {how} is empty")
+    elif source_name in ("folder", "name_func", "demo"):
+        if source_name == "demo":
+            from jaxtl.data.demo import make_demo_folder
+
+            root = make_demo_folder(int(data_cfg.demo_classes), int(data_cfg.demo_images), cache_dir=cache_dir)
+            split = sources.folder_split(root, "parent", valid_pct, split_seed)
+        elif source_name == "folder":
+            if not data_cfg.path:
+                raise ValueError("config field data.path is empty but data.source='folder' needs a folder; "
+                                 "pass --config.data.path=/path/to/images")
+            split = sources.folder_split(data_cfg.path, str(data_cfg.label), valid_pct, split_seed, label_func)
+        else:
+            split = sources.name_func_split(data_cfg.path or None, str(data_cfg.label), valid_pct, split_seed,
+                                            label_func, files)
+        split, corrupt = _drop_corrupt(split, str(data_cfg.on_corrupt), cache_dir, num_parallel)
+        classes, warns = sources.check_classes([y for _, y in split.train], [y for _, y in split.valid],
+                                               split.root)
+        for w in warns:
+            _warn(w)
+        index = {c: i for i, c in enumerate(classes)}
+        train = [(p, index[y]) for p, y in split.train]
+        valid = [(p, index[y]) for p, y in split.valid]
+        src = _FileSource(train, valid, process_index, process_count, cache, num_parallel)
+        num_train, num_valid, how = len(train), len(valid), f"{split.root}: {split.how}"
+    else:
+        raise ValueError(f"config field data.source={source_name!r} is not valid; "
+                         "choose one of ['folder', 'name_func', 'tfds', 'demo']")
+    bundle = DataBundle(
+        classes=classes, aug=aug, batch_size=batch_size, seed=seed, process_index=process_index,
+        process_count=process_count, mean=data_cfg.mean, std=data_cfg.std, num_parallel=num_parallel,
+        num_train=num_train, num_valid=num_valid, source=src, corrupt=corrupt, description=how)
+    log.info("jaxtl.data: %r", bundle)
+    return bundle
