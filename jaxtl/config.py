@@ -12,6 +12,7 @@ from collections.abc import Iterable
 import ml_collections
 
 RECIPES = ("fine_tune", "one_cycle", "lr_find")
+RECIPE_DEFAULTS = {"fine_tune": {"pct_start": 0.3, "div": 5.0}, "one_cycle": {"pct_start": 0.25, "div": 25.0}}
 SOURCES = ("folder", "name_func", "tfds", "demo")
 OPTIMIZERS = ("adam", "lamb", "lamb_fastai", "sgd")
 
@@ -63,8 +64,9 @@ def base_config() -> ml_collections.ConfigDict:
     t.freeze_epochs = 1
     t.lr = 2e-3  # base_lr (fine_tune) or lr_max (one_cycle)
     t.lr_mult = 100.0
-    t.pct_start = 0.3
-    t.div = 5.0  # fine_tune's unfrozen div; one_cycle uses 25 unless set
+    # -1 = the recipe's fastai default: fine_tune(pct_start=0.3, div=5), fit_one_cycle(pct_start=0.25, div=25)
+    t.pct_start = -1.0
+    t.div = -1.0
     t.div_final = 1e5
     t.moms = (0.95, 0.85, 0.95)
     t.batch_size = 64  # global batch (all devices, all hosts)
@@ -85,6 +87,12 @@ def base_config() -> ml_collections.ConfigDict:
     o.eps = 1e-5
     o.nesterov = False
     return c
+
+
+def recipe_value(config: ml_collections.ConfigDict, field: str) -> float:
+    """``train.pct_start``/``train.div`` with -1 resolved to the recipe's fastai default."""
+    value = config.train[field]
+    return RECIPE_DEFAULTS.get(config.train.recipe, RECIPE_DEFAULTS["one_cycle"])[field] if value < 0 else value
 
 
 def closest(name: str, choices: Iterable[str], n: int = 3) -> list[str]:
