@@ -182,20 +182,18 @@ def _homography(src: tf.Tensor, dst: tf.Tensor) -> tf.Tensor:
     return tf.reshape(tf.concat([coeffs, one[:, None]], axis=1), [-1, 3, 3])
 
 
-def affine_transforms(seed: tf.Tensor, n: int | tf.Tensor, size: int, p: AugParams) -> tf.Tensor:
-    """(n, 8) float32 ``ImageProjectiveTransformV3`` rows: output pixel (x, y) -> input pixel.
+def affine_draws(seed: tf.Tensor, n: int | tf.Tensor, p: AugParams) -> dict[str, tf.Tensor]:
+    """fastai's per-image random draws for Flip/Rotate/Zoom/Warp, each float64 ``(n,)``.
 
-    In fastai's [-1, 1] coordinates (align_corners=True) the source point of output point ``q`` is
-    ``Warp(F @ R @ Z @ q)`` with F = diag(±1, 1) (flip, p=0.5), R = [[cos t, sin t], [-sin t, cos t]]
-    (t ~ U(-max_rotate, max_rotate) deg, p_affine), Z = [[s, 0, (1-s)(2u-1)], [0, s, (1-s)(2v-1)]]
-    (s = 1/U(min_zoom, max_zoom), p_affine; u, v ~ U(0, 1)) and Warp the homography sending fastai's
-    perturbed corners back onto the square's corners.
+    ``flip`` = -1 with probability 0.5 (else 1); ``theta`` degrees ~ U(-max_rotate, max_rotate) with
+    probability p_affine (else 0); ``zoom`` ~ U(min_zoom, max_zoom) w.p. p_affine (else 1) and its centre
+    ``col``, ``row`` ~ U(0, 1); warp magnitudes ``xt``, ``yt`` ~ U(-max_warp, max_warp), each w.p. p_affine.
+    A disabled transform draws its neutral value.
     """
     keys = _split(seed, 12)
     f64 = tf.float64
     shape = tf.reshape(tf.cast(n, tf.int32), [1])
-    zero = tf.zeros(shape, f64)
-    one = tf.ones(shape, f64)
+    zero, one = tf.zeros(shape, f64), tf.ones(shape, f64)
 
     def uniform(k: tf.Tensor, lo: float, hi: float) -> tf.Tensor:
         return tf.random.stateless_uniform(shape, k, lo, hi, dtype=f64)
@@ -203,35 +201,55 @@ def affine_transforms(seed: tf.Tensor, n: int | tf.Tensor, size: int, p: AugPara
     def coin(k: tf.Tensor, prob: float) -> tf.Tensor:
         return tf.random.stateless_uniform(shape, k, dtype=f64) < prob
 
-    mat = _mat3([[one, zero, zero], [zero, one, zero], [zero, zero, one]])
+    d = {"flip": one, "theta": zero, "zoom": one, "col": uniform(keys[5], 0.0, 1.0),
+         "row": uniform(keys[6], 0.0, 1.0), "xt": zero, "yt": zero}
     if p.flip:
-        sign = tf.where(coin(keys[0], 0.5), -one, one)
-        mat = mat @ _mat3([[sign, zero, zero], [zero, one, zero], [zero, zero, one]])
+        d["flip"] = tf.where(coin(keys[0], 0.5), -one, one)
     if p.max_rotate:
-        theta = tf.where(coin(keys[1], p.p_affine), uniform(keys[2], -p.max_rotate, p.max_rotate), zero)
-        theta = theta * (math.pi / 180.0)
-        c, s = tf.cos(theta), tf.sin(theta)
-        mat = mat @ _mat3([[c, s, zero], [-s, c, zero], [zero, zero, one]])
+        d["theta"] = tf.where(coin(keys[1], p.p_affine), uniform(keys[2], -p.max_rotate, p.max_rotate), zero)
     if p.min_zoom < 1 or p.max_zoom > 1:
-        zoom = tf.where(coin(keys[3], p.p_affine), uniform(keys[4], p.min_zoom, p.max_zoom), one)
-        s = 1.0 / zoom
-        col = (1 - s) * (2 * uniform(keys[5], 0.0, 1.0) - 1)
-        row = (1 - s) * (2 * uniform(keys[6], 0.0, 1.0) - 1)
-        mat = mat @ _mat3([[s, zero, col], [zero, s, row], [zero, zero, one]])
+        d["zoom"] = tf.where(coin(keys[3], p.p_affine), uniform(keys[4], p.min_zoom, p.max_zoom), one)
     if p.max_warp:
-        xt = tf.where(coin(keys[7], p.p_affine), uniform(keys[8], -p.max_warp, p.max_warp), zero)
-        yt = tf.where(coin(keys[9], p.p_affine), uniform(keys[10], -p.max_warp, p.max_warp), zero)
-        corners = tf.constant([[-1, -1], [-1, 1], [1, -1], [1, 1]], f64)
-        orig = tf.broadcast_to(corners, tf.concat([shape, [4, 2]], 0))
-        targ = tf.stack([tf.stack([-1 - yt, -1 - xt], -1), tf.stack([-1 + yt, 1 + xt], -1),
-                         tf.stack([1 + yt, -1 + xt], -1), tf.stack([1 - yt, 1 - xt], -1)], axis=1)
-        mat = _homography(targ, orig) @ mat
+        d["xt"] = tf.where(coin(keys[7], p.p_affine), uniform(keys[8], -p.max_warp, p.max_warp), zero)
+        d["yt"] = tf.where(coin(keys[9], p.p_affine), uniform(keys[10], -p.max_warp, p.max_warp), zero)
+    return d
+
+
+def affine_matrix(flip: tf.Tensor, theta: tf.Tensor, zoom: tf.Tensor, col: tf.Tensor, row: tf.Tensor,
+                  xt: tf.Tensor, yt: tf.Tensor, size: int) -> tf.Tensor:
+    """(n, 8) float32 ``ImageProjectiveTransformV3`` rows (output pixel (x, y) -> input pixel) from draws.
+
+    In fastai's [-1, 1] coordinates (align_corners=True) the source point of output point ``q`` is
+    ``Warp(F @ R @ Z @ q)``: F = diag(flip, 1), R = [[cos t, sin t], [-sin t, cos t]] (t = theta degrees),
+    Z = [[s, 0, (1-s)(2 col-1)], [0, s, (1-s)(2 row-1)]] with s = 1/zoom, and Warp the homography sending
+    fastai's perturbed corners ``(-1-yt, -1-xt), (-1+yt, 1+xt), (1+yt, -1+xt), (1-yt, 1-xt)`` onto the
+    corners ``(-1,-1), (-1,1), (1,-1), (1,1)`` (fastai's ``find_coeffs(orig_pts, targ_pts)``).
+    """
+    f64 = tf.float64
+    flip, theta, zoom, col, row, xt, yt = (tf.cast(v, f64) for v in (flip, theta, zoom, col, row, xt, yt))
+    zero, one = tf.zeros_like(flip), tf.ones_like(flip)
+    fm = _mat3([[flip, zero, zero], [zero, one, zero], [zero, zero, one]])
+    t = theta * (math.pi / 180.0)
+    c, s_ = tf.cos(t), tf.sin(t)
+    rm = _mat3([[c, s_, zero], [-s_, c, zero], [zero, zero, one]])
+    s = 1.0 / zoom
+    zm = _mat3([[s, zero, (1 - s) * (2 * col - 1)], [zero, s, (1 - s) * (2 * row - 1)], [zero, zero, one]])
+    corners = tf.constant([[-1, -1], [-1, 1], [1, -1], [1, 1]], f64)
+    orig = tf.broadcast_to(corners, tf.concat([tf.shape(flip), [4, 2]], 0))
+    targ = tf.stack([tf.stack([-1 - yt, -1 - xt], -1), tf.stack([-1 + yt, 1 + xt], -1),
+                     tf.stack([1 + yt, -1 + xt], -1), tf.stack([1 - yt, 1 - xt], -1)], axis=1)
+    mat = _homography(targ, orig) @ fm @ rm @ zm
     half = (size - 1) / 2.0
     to_norm = tf.constant([[1 / half, 0, -1], [0, 1 / half, -1], [0, 0, 1]], f64)
     to_pix = tf.constant([[half, 0, half], [0, half, half], [0, 0, 1]], f64)
     full = to_pix @ mat @ to_norm
     full = full / full[:, 2:3, 2:3]
     return tf.cast(tf.reshape(full, [-1, 9])[:, :8], tf.float32)
+
+
+def affine_transforms(seed: tf.Tensor, n: int | tf.Tensor, size: int, p: AugParams) -> tf.Tensor:
+    """Random fastai Flip/Rotate/Zoom/Warp as (n, 8) projective rows: ``affine_matrix(**affine_draws(...))``."""
+    return affine_matrix(**affine_draws(seed, n, p), size=size)
 
 
 def apply_affine(images: tf.Tensor, transforms: tf.Tensor) -> tf.Tensor:
@@ -246,20 +264,33 @@ def apply_affine(images: tf.Tensor, transforms: tf.Tensor) -> tf.Tensor:
         interpolation="BILINEAR", fill_mode="REFLECT")
 
 
-def lighting(images: tf.Tensor, seed: tf.Tensor, max_lighting: float, p: float) -> tf.Tensor:
-    """fastai's Brightness + Contrast on float ``(B, H, W, C)`` images in [0, 1] (logit space)."""
+def lighting_draws(seed: tf.Tensor, n: int | tf.Tensor, max_lighting: float, p: float
+                   ) -> tuple[tf.Tensor, tf.Tensor]:
+    """fastai's Brightness/Contrast draws, float32 ``(n,)`` each: ``bright ~ U(0.5(1-l), 0.5(1+l))`` (else 0.5)
+    and ``contrast ~ exp(U(log(1-l), -log(1-l)))`` (else 1), each applied with probability ``p``."""
     keys = _split(seed, 4)
-    n = tf.shape(images)[:1]
+    shape = tf.reshape(tf.cast(n, tf.int32), [1])
     lo = math.log(1 - max_lighting)
-    bright = tf.where(tf.random.stateless_uniform(n, keys[0]) < p,
-                      tf.random.stateless_uniform(n, keys[1], 0.5 * (1 - max_lighting), 0.5 * (1 + max_lighting)),
-                      0.5)
-    contrast = tf.where(tf.random.stateless_uniform(n, keys[2]) < p,
-                        tf.exp(tf.random.stateless_uniform(n, keys[3], lo, -lo)), 1.0)
+    bright = tf.where(tf.random.stateless_uniform(shape, keys[0]) < p,
+                      tf.random.stateless_uniform(shape, keys[1], 0.5 * (1 - max_lighting),
+                                                  0.5 * (1 + max_lighting)), 0.5)
+    contrast = tf.where(tf.random.stateless_uniform(shape, keys[2]) < p,
+                        tf.exp(tf.random.stateless_uniform(shape, keys[3], lo, -lo)), 1.0)
+    return bright, contrast
+
+
+def apply_lighting(images: tf.Tensor, bright: tf.Tensor, contrast: tf.Tensor) -> tf.Tensor:
+    """``sigmoid((logit(x) + logit(bright)) * contrast)`` per image; ``x`` float ``(B, H, W, C)`` in [0, 1]
+    clipped to [1e-7, 1 - 1e-7] first (fastai's ``logit``)."""
     x = tf.clip_by_value(images, LOGIT_EPS, 1 - LOGIT_EPS)
     logit = tf.math.log(x / (1 - x))
-    logit = (logit + tf.math.log(bright / (1 - bright))[:, None, None, None]) * contrast[:, None, None, None]
-    return tf.sigmoid(logit)
+    shift = tf.math.log(bright / (1 - bright))[:, None, None, None]
+    return tf.sigmoid((logit + shift) * contrast[:, None, None, None])
+
+
+def lighting(images: tf.Tensor, seed: tf.Tensor, max_lighting: float, p: float) -> tf.Tensor:
+    """fastai's Brightness then Contrast on float ``(B, H, W, C)`` images in [0, 1] (logit space)."""
+    return apply_lighting(images, *lighting_draws(seed, tf.shape(images)[0], max_lighting, p))
 
 
 def normalize(images: tf.Tensor, mean: Sequence[float], std: Sequence[float]) -> tf.Tensor:

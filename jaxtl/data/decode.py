@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -59,6 +60,14 @@ def crop_box(image: tf.Tensor, box: tf.Tensor) -> tf.Tensor:
     return tf.slice(image, tf.stack([box[0], box[1], 0]), tf.stack([box[2], box[3], 3]))
 
 
+def tf_error_message(e: BaseException) -> str:
+    """The readable part of a TF op error (drops ``{{function_node ...}}`` and ``[Op:...]`` decorations)."""
+    msg = str(getattr(e, "message", None) or e).strip()
+    msg = re.sub(r"\{\{function_node[^}]*\}\}\s*", "", msg)
+    msg = re.sub(r"\s*\[Op:\w+\].*$", "", msg, flags=re.S)
+    return msg.splitlines()[0].strip() if msg else type(e).__name__
+
+
 def load_bytes(path_or_bytes: str | os.PathLike | bytes) -> bytes:
     """Raw file contents (``bytes`` pass through)."""
     if isinstance(path_or_bytes, bytes | bytearray):
@@ -96,7 +105,7 @@ def _decode_errors(paths: Sequence[str], num_parallel: int) -> dict[str, str]:
             decode_rgb(tf.io.read_file(p))
             errors[p] = "could not be decoded"
         except (tf.errors.OpError, OSError) as e:
-            msg = getattr(e, "message", str(e)).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            msg = tf_error_message(e)
             if os.path.getsize(p) == 0:
                 msg = "empty file (0 bytes)"
             errors[p] = msg

@@ -193,7 +193,7 @@ class DataBundle:
         try:
             return self._eval_fn(tf.constant(data)).numpy()
         except tf.errors.InvalidArgumentError as e:
-            raise ValueError(f"cannot decode image {name}: {e.message.strip().splitlines()[-1]}") from e
+            raise ValueError(f"cannot decode image {name}: {decode.tf_error_message(e)}") from e
 
     def denormalize(self, images: np.ndarray) -> np.ndarray:
         """Normalised images -> float32 in [0, 1] for plotting (same shape)."""
