@@ -132,7 +132,7 @@ def scale_by_decayed_trust_ratio(
 
     def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
         if params is None:
-            raise ValueError(optax.NO_PARAMS_MSG)
+            raise ValueError("scale_by_decayed_trust_ratio needs the params passed to update()")
         mask = _resolve(wd_mask, updates) if wd_mask is not None else jax.tree_util.tree_map(lambda _: True, updates)
 
         def scale(r: jax.Array, p: jax.Array, m: bool) -> jax.Array:
