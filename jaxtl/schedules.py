@@ -54,14 +54,22 @@ def combined_cos(total_steps: int, pct: float, start: Sequence[float] | float, m
     n1 = n * pct  # first-segment length in steps (fractional, as fastai's pct boundary)
     n2 = n * (1.0 - pct)
 
+    # n1 is fractional: t - n1 is formed as the exact integer (step - floor(n1)) minus the constant frac(n1),
+    # so it keeps full float32 precision near the boundary (float32(n1) alone is off by up to ulp(n1)/2, a large
+    # relative error of a small t - n1; a hi + lo split does not survive XLA's constant reassociation).
+    k1 = math.floor(n1)
+    frac1 = np.float32(n1 - k1)
+
     def schedule(step: jnp.ndarray | int) -> jnp.ndarray:
-        t = jnp.clip(jnp.asarray(step, jnp.float32), 0.0, n)
+        s = jnp.clip(jnp.asarray(step).astype(jnp.int32), 0, total_steps)
+        t = s.astype(jnp.float32)
         in_first = t / n < jnp.float32(pct)  # fastai: segment index = max k with pos >= pcts[k]
+        t_minus_n1 = (s - k1).astype(jnp.float32) - frac1
         # segment 1: x = t / n1, 1 - x = (n1 - t) / n1 ; segment 2: x = (t - n1) / n2, 1 - x = (n - t) / n2
         d1 = jnp.float32(n1 if n1 > 0 else 1.0)  # n1 = 0: segment 1 is never selected
-        x1, r1 = t / d1, (jnp.float32(n1) - t) / d1
+        x1, r1 = t / d1, -t_minus_n1 / d1
         if n2 > 0:
-            x2, r2 = (t - jnp.float32(n1)) / jnp.float32(n2), (jnp.float32(n) - t) / jnp.float32(n2)
+            x2, r2 = t_minus_n1 / jnp.float32(n2), (total_steps - s).astype(jnp.float32) / jnp.float32(n2)
         else:  # pct = 1: only t = N reaches segment 2; return its start value (fastai would divide 0 by 0)
             x2, r2 = jnp.zeros_like(t), jnp.ones_like(t)
         v1 = a * _sin2_half_pi(r1) + m * _sin2_half_pi(x1)
@@ -162,26 +170,25 @@ def lr_find_diverged(smooth_loss: float, best_loss: float) -> bool:
 def valley(lrs: Sequence[float], losses: Sequence[float]) -> tuple[float, int]:
     """fastai's ``valley`` rule -> (suggested lr, its index).
 
-    ``lds[i]`` = length of the longest strictly decreasing run of losses ending at ``i`` (a longest-decreasing-
-    subsequence recurrence); the valley is the longest one, ``[max_start, max_end]``, and the suggestion sits
-    ``int(L/3) + int(L/6)`` points into it, ``L = max_end - max_start``.
-    fastai records ``max_start = i - lds[i]`` at the first inner-loop iteration where ``lds[i]`` overtakes the
-    best length so far, i.e. before ``lds[i]`` has reached its final value; that is kept here, vectorised over
-    ``j`` with a running maximum.
+    ``lds[i] = 1 + max{lds[j] : j < i, losses[j] > losses[i]}`` (1 if no such j) is the length of the longest
+    strictly decreasing subsequence ending at ``i``. With ``L = max(lds)`` reached first at ``max_end``,
+    fastai sets ``max_start = max_end - L`` (0 when L = 1: it is never assigned) and suggests index
+    ``max_start + int(d/3) + int(d/6)``, ``d = max_end - max_start``. fastai's double loop updates
+    ``max_start`` inside the inner loop, but ``lds[i]`` cannot grow past ``max(lds[:i]) + 1``, so it always ends
+    as ``max_end - lds[max_end]``; the recurrence is vectorised over ``j`` here. As in fastai, a decreasing
+    prefix gives ``max_start = -1`` and, for a two-point valley, index -1 (the last lr).
     """
     loss = np.asarray(losses, np.float64)
     n = len(loss)
     if n == 0 or len(lrs) != n:
         raise ValueError(f"valley needs equal, non-empty lrs and losses (got {len(lrs)} and {n})")
     lds = np.ones(n, np.int64)
-    max_start = max_end = 0
     for i in range(1, n):
-        cand = np.where(loss[i] < loss[:i], lds[:i] + 1, 1)
-        running = np.maximum.accumulate(np.maximum(cand, 1))  # lds[i] after each inner iteration j
-        lds[i] = running[-1]
-        if running[-1] > lds[max_end]:
-            first = running[np.argmax(running > lds[max_end])]
-            max_end, max_start = i, i - int(first)
+        higher = loss[:i] > loss[i]
+        if higher.any():
+            lds[i] = lds[:i][higher].max() + 1
+    max_end = int(np.argmax(lds))  # first index of the maximum, as fastai's strict ``<`` test keeps
+    max_start = max_end - int(lds[max_end]) if lds[max_end] > 1 else 0
     sections = (max_end - max_start) / 3
     idx = max_start + int(sections) + int(sections / 2)
     return float(lrs[idx]), int(idx)
@@ -201,4 +208,4 @@ def suggest_lr(lrs: Sequence[float], losses: Sequence[float], num_it: int = 100)
     if loss_a.size == 0:
         raise ValueError(f"lr_find recorded {len(losses)} losses: too few to suggest a rate (need > num_it//10 + 5)")
     lr, idx = valley(lr_a, loss_a)
-    return lr, lo + idx
+    return lr, lo + idx % len(loss_a)

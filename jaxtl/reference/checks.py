@@ -36,7 +36,7 @@ GROUP_LR_MAX = (1e-4, 1e-3, 1e-2)  # even_mults(1e-4, 1e-2, 3)
 # Relative tolerances, float32 jaxtl vs float64 transcription over N_STEPS steps.
 EPS32 = float(np.finfo(np.float32).eps)  # 2^-23
 TOL_BASE = 5e-6  # moments, updates, parameters: float32 roundings (measured <= 2.5e-6)
-TOL_SCHEDULE = 2e-6  # schedules: one float32 evaluation (measured <= 4.2e-7)
+TOL_SCHEDULE = 1e-6  # schedules: one float32 evaluation (measured <= 4.2e-7)
 
 
 def bias_correction_allowance(b2: float | None) -> float:

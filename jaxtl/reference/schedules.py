@@ -90,7 +90,10 @@ def smooth_losses(losses: Sequence[float], beta: float = 0.98) -> list[float]:
 
 
 def valley(lrs: Sequence[float], losses: Sequence[float]) -> tuple[float, int]:
-    """fastai's valley, loop for loop (the max_end/max_start test sits inside the j loop, as in fastai)."""
+    """fastai's valley, loop for loop (the max_end/max_start test sits inside the j loop, as in fastai).
+
+    Returns (lr, idx); idx may be -1 (Python's last element) for a two-point decreasing curve, as in fastai.
+    """
     n = len(losses)
     max_start, max_end = 0, 0
     lds = [1] * n
@@ -115,4 +118,4 @@ def lr_find_suggestion(lrs: Sequence[float], losses: Sequence[float], num_it: in
             lrs_s, losses_s = lrs_s[:k], losses_s[:k]
             break
     lr, idx = valley(lrs_s, losses_s)
-    return lr, lo + idx
+    return lr, lo + (idx if idx >= 0 else len(lrs_s) + idx)
