@@ -97,7 +97,7 @@ def _to_torch(value: Any, kind: str) -> np.ndarray:
 
 
 def _fmt_shape(shape: tuple[int, ...]) -> str:
-    return "(" + ", ".join(map(str, shape)) + ")"
+    return str(tuple(int(d) for d in shape))
 
 
 def _head_classes(sd: Mapping[str, np.ndarray]) -> int | None:
@@ -153,7 +153,13 @@ def state_dict_to_variables(
     sd = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
     missing, unexpected, wrong, table = _problems(sd, arch)
     if strict and (missing or unexpected or wrong):
-        lines = [f"{source} ({fmt} format) does not match arch={arch!r}:"]
+        guess = _guess_arch(sd)
+        if guess is not None and guess != arch:
+            hint = f"The file's keys and shapes match {guess}: set --arch {guess} (model.arch={guess})."
+        else:
+            hint = ("Use the arch the file was trained with, or strict=False (--no-strict) to load only the "
+                    "matching keys.")
+        lines = [f"{source} ({fmt} format) does not match arch={arch!r}. {hint}"]
         if missing:
             lines.append(f"  missing keys ({len(missing)}): "
                          + ", ".join(f"{k} {_fmt_shape(table[k][1])}" for k in missing))
@@ -163,12 +169,6 @@ def state_dict_to_variables(
         if wrong:
             lines.append(f"  wrongly-shaped keys ({len(wrong)}): " + ", ".join(
                 f"{k} file {_fmt_shape(tuple(np.shape(sd[k])))} vs {arch} {_fmt_shape(table[k][1])}" for k in wrong))
-        guess = _guess_arch(sd)
-        if guess is not None and guess != arch:
-            lines.append(f"The keys and shapes match {guess}: set --arch {guess} (model.arch={guess}).")
-        else:
-            lines.append("Use the arch the file was trained with, or strict=False (--no-strict) to load only "
-                         "the matching keys.")
         raise ConversionError("\n".join(lines) + _variant_hint(sd))
     skip = set(missing) | set(wrong)
     out: Variables = {}
