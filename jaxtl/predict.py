@@ -1,0 +1,163 @@
+"""Prediction with a finished run::
+
+    python -m jaxtl.predict --workdir DIR image.jpg [more images or folders] [--json] [--top-k K]
+
+Reads ``DIR/model.safetensors`` (jaxtl weights format; its metadata holds the arch, head, class names
+and the validation transform: size, mean, std), applies the validation transform (resize + centre crop,
+ImageNet normalisation) and prints ``path  label  probability`` per image. The same is available to
+notebooks as :func:`load_predictor` / :func:`predict`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MODEL_FILE = "model.safetensors"
+
+
+def save_for_inference(workdir: str | os.PathLike, variables: Mapping[str, Any], *, arch: str, head: str,
+                       classes: Sequence[str], size: int, mean: Sequence[float], std: Sequence[float]) -> Path:
+    """Write ``workdir/model.safetensors`` with everything :func:`load_predictor` needs."""
+    import jax
+
+    from jaxtl.convert.io import save_variables
+
+    host = jax.tree_util.tree_map(np.asarray, jax.device_get(dict(variables)))
+    meta = {"arch": arch, "head": head, "num_classes": len(classes), "classes": json.dumps(list(classes)),
+            "size": size, "mean": json.dumps(list(mean)), "std": json.dumps(list(std))}
+    return save_variables(Path(workdir) / MODEL_FILE, host, meta)
+
+
+@dataclass
+class Predictor:
+    """A trained model and its validation transform. ``predict(paths)`` -> one dict per image."""
+
+    model: Any
+    variables: dict[str, Any]
+    classes: list[str]
+    size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        import jax
+
+        self._apply = jax.jit(lambda v, x: jax.nn.softmax(self.model.apply(v, x, train=False), axis=-1))
+
+    def preprocess(self, image: str | os.PathLike | bytes) -> np.ndarray:
+        """File path or encoded bytes -> float32 (size, size, 3), normalised: fastai's validation transform."""
+        import tensorflow as tf
+
+        from jaxtl.data import augment, decode
+
+        name = "the given bytes" if isinstance(image, bytes | bytearray) else str(image)
+        try:
+            data = decode.load_bytes(image)
+        except OSError as e:
+            raise FileNotFoundError(f"cannot read image {name}: {e.strerror or e}") from e
+        try:
+            img = augment.eval_resize_crop(decode.decode_rgb(tf.constant(data)), self.size)
+        except tf.errors.InvalidArgumentError as e:
+            raise ValueError(f"cannot decode image {name}: {decode.tf_error_message(e)}") from e
+        return augment.normalize(tf.cast(img, tf.float32) / 255.0, self.mean, self.std).numpy()
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """(N, S, S, 3) preprocessed images -> (N, C) softmax probabilities."""
+        return np.asarray(self._apply(self.variables, images))
+
+    def predict(self, paths: Sequence[str | os.PathLike], batch_size: int = 32, top_k: int = 1) -> list[dict]:
+        """One dict per path: ``path, label, probability, top`` ([(label, p)] * top_k) or ``error``."""
+        results: list[dict] = []
+        ok: list[tuple[int, np.ndarray]] = []
+        for i, p in enumerate(paths):
+            try:
+                ok.append((i, self.preprocess(p)))
+                results.append({"path": str(p)})
+            except (FileNotFoundError, ValueError) as e:
+                results.append({"path": str(p), "error": str(e)})
+        for start in range(0, len(ok), batch_size):
+            chunk = ok[start:start + batch_size]
+            probs = self.probabilities(np.stack([x for _, x in chunk]))
+            for (i, _), pr in zip(chunk, probs, strict=True):
+                order = np.argsort(-pr)[:max(1, top_k)]
+                results[i].update(label=self.classes[order[0]], probability=float(pr[order[0]]),
+                                  top=[(self.classes[j], float(pr[j])) for j in order])
+        return results
+
+
+def load_predictor(workdir: str | os.PathLike) -> Predictor:
+    """Load ``workdir/model.safetensors`` written at the end of a run."""
+    from jaxtl.convert.io import load_variables
+    from jaxtl.models import create_model
+
+    path = Path(workdir) / MODEL_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: --workdir must be the work dir of a finished jaxtl run "
+                                "(it is written when training ends)")
+    variables, meta = load_variables(path)
+    if "classes" not in meta:
+        raise ValueError(f"{path} has no class names in its metadata; it is a converted weights file, not a run's "
+                         "model. Point --workdir at a run directory.")
+    classes = json.loads(meta["classes"])
+    model = create_model(meta["arch"], len(classes), head=meta["head"])
+    return Predictor(model, variables, classes, int(meta["size"]), tuple(json.loads(meta["mean"])),
+                     tuple(json.loads(meta["std"])))
+
+
+def expand_images(items: Sequence[str]) -> list[str]:
+    """Files as given; folders expanded to the images inside them (sorted, recursive)."""
+    from jaxtl.data import list_images
+
+    out: list[str] = []
+    for item in items:
+        p = Path(item)
+        out.extend(str(x) for x in list_images(p)) if p.is_dir() else out.append(item)
+    return out
+
+
+def predict(workdir: str | os.PathLike, images: Sequence[str | os.PathLike], top_k: int = 1) -> list[dict]:
+    """Notebook helper: ``predict("runs/x", ["a.jpg"])`` -> ``[{"path", "label", "probability", "top"}]``."""
+    return load_predictor(workdir).predict(expand_images([str(i) for i in images]), top_k=top_k)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m jaxtl.predict", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workdir", required=True, help="work dir of a finished run (holds model.safetensors)")
+    ap.add_argument("images", nargs="+", help="image files and/or folders of images")
+    ap.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
+    ap.add_argument("--top-k", type=int, default=1, help="also list the k most probable labels")
+    args = ap.parse_args(argv)
+    try:
+        predictor = load_predictor(args.workdir)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    paths = expand_images(args.images)
+    if not paths:
+        print(f"error: no images found in {args.images}", file=sys.stderr)
+        return 2
+    results = predictor.predict(paths, top_k=args.top_k)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        width = max(len(r["path"]) for r in results)
+        for r in results:
+            if "error" in r:
+                print(f"{r['path']:<{width}}  ERROR  {r['error']}")
+            else:
+                extra = "  " + ", ".join(f"{c}={p:.3f}" for c, p in r["top"][1:]) if args.top_k > 1 else ""
+                print(f"{r['path']:<{width}}  {r['label']}  {r['probability']:.4f}{extra}")
+    return 1 if any("error" in r for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
