@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from pathlib import Path
 
 from jaxtl.convert.io import save_variables
@@ -14,7 +15,7 @@ from jaxtl.models import ARCHS
 
 EPILOG = """\
 SRC is a local file or a registry name (downloaded once into the cache and verified):
-  {names}
+{names}
 
 Formats (--format auto detects from the file's bytes):
   torchvision  torch.save(model.state_dict()) .pth file (zip or legacy); read with a restricted
@@ -36,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m jaxtl.convert",
         description="Convert torchvision .pth / timm .safetensors ResNet weights into jaxtl's weight format.",
-        epilog=EPILOG.format(names=", ".join(sorted(REGISTRY))),
+        epilog=EPILOG.format(names=textwrap.fill(", ".join(sorted(REGISTRY)), 96, initial_indent="  ",
+                                                  subsequent_indent="  ")),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("src", metavar="SRC", help="weights file (.pth / .safetensors) or a registry name")

@@ -241,6 +241,8 @@ def load_pretrained(
     if path.is_file():
         return convert_file(path, arch)
     entry = REGISTRY.get(spec)
+    if entry is None and (os.sep in spec or path.suffix in (".pth", ".pt", ".bin", ".safetensors")):
+        raise FileNotFoundError(f"model.pretrained={spec!r}: weights file not found ({path.resolve()})")
     if entry is None:
         raise ValueError(
             f"model.pretrained={spec!r} is neither an existing file nor a registry name. Known names: "

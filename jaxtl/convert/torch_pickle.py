@@ -268,6 +268,7 @@ def _load_zip(path: Path) -> Any:
 def _load_legacy(path: Path) -> Any:
     source = str(path)
     storages: dict[str, _Storage] = {}
+    size = path.stat().st_size
     with open(path, "rb") as f:
         # The three header pickles hold only ints and a dict; the restricted unpickler reads them too.
         header = [_RestrictedUnpickler(f, source, storages, legacy=True).load() for _ in range(3)]
@@ -289,6 +290,8 @@ def _load_legacy(path: Path) -> Any:
             (numel,) = struct.unpack("<q" if byteorder == "little" else ">q", head)
             if numel != st.numel:
                 raise TorchFileError(f"{source}: storage {key} holds {numel} elements, pickle says {st.numel}")
+            if numel * st.dtype.itemsize > size - f.tell():  # check before read() allocates the buffer
+                raise TorchFileError(f"{source}: storage {key} is truncated (file ends early)")
             st.data = _storage_array(f.read(numel * st.dtype.itemsize), st, source, byteorder)
     for st in list(storages.values()):
         if st.view_of is not None:

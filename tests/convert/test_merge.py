@@ -30,6 +30,7 @@ def pretrained(resnet18_pth):
     return load_torchvision(str(resnet18_pth), "resnet18")  # linear head with 5 classes
 
 
+@jax.default_matmul_precision("highest")  # float32 convs on accelerators too
 def test_fastai_head_kept_body_replaced(pretrained, resnet18_torch):
     model, init = _init("resnet18", 2, "fastai")
     merged = merge_pretrained(init, pretrained, head="fastai")

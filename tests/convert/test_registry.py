@@ -175,6 +175,8 @@ def test_spec_errors():
     with pytest.raises(ValueError, match="resnet34.tv_in1k") as err:
         load_pretrained("resnet34.nope", "resnet34")
     assert "neither an existing file nor a registry name" in str(err.value)
+    with pytest.raises(FileNotFoundError, match="weights file not found"):
+        load_pretrained("/nonexistent/r34.pth", "resnet34")
     with pytest.raises(ValueError, match="already exists"):
         register(REGISTRY["resnet34.tv_in1k"])
 

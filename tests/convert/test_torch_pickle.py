@@ -159,3 +159,12 @@ def test_reader_never_imports_torch(resnet18_pth):
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
+
+
+def test_truncated_legacy_file(tmp_path):
+    src = tmp_path / "ok.pth"
+    torch.save({"w": torch.ones(1000)}, src, _use_new_zipfile_serialization=False)
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(src.read_bytes()[:-100])
+    with pytest.raises(TorchFileError, match="truncated"):
+        load_torch_state_dict(bad)
