@@ -427,11 +427,17 @@ def build_data(
     num_parallel = _num_parallel(int(data_cfg.num_workers))
     cache = bool(data_cfg.cache)
     corrupt: dict[str, str] = {}
+    if label_func is not None and source_name not in ("folder", "name_func"):
+        raise ValueError(f"label_func labels files of data.source='folder' or 'name_func', not {source_name!r}")
+    if files is not None and source_name != "name_func":
+        raise ValueError(f"files=... is a file list for data.source='name_func', not {source_name!r}")
     if source_name == "tfds":
         src, classes, num_train, num_valid, how = _tfds_source(
             data_cfg, process_index, process_count, cache, download, image_key, label_key)
         if num_train == 0:
             raise ValueError(f"the training split of {how} is empty")
+        if num_valid == 0:
+            _warn(f"the validation set of {how} is empty; there will be no validation metrics")
     elif source_name in ("folder", "name_func", "demo"):
         if source_name == "demo":
             from jaxtl.data.demo import make_demo_folder

@@ -32,8 +32,9 @@ def test_decode_formats_to_rgb(tmp_path, write_image, fmt, mode, name):
 
 
 def test_decode_crop_matches_full_decode(tmp_path, write_image):
-    for name, fmt in (("c.jpg", "JPEG"), ("c.png", "PNG")):
-        p = write_image(tmp_path / name, fmt=fmt, size=(40, 30))
+    for name, fmt, mode in (("c.jpg", "JPEG", "RGB"), ("cmyk.jpg", "JPEG", "CMYK"), ("g.jpg", "JPEG", "L"),
+                            ("c.png", "PNG", "RGBA")):
+        p = write_image(tmp_path / name, fmt=fmt, mode=mode, size=(40, 30))
         data = tf.io.read_file(str(p))
         box = lambda h, w: tf.constant([5, 7, 12, 20])
         crop = decode.decode_crop(data, box).numpy()

@@ -132,6 +132,7 @@ def test_epoch_is_a_permutation_and_process_shards_are_disjoint(tmp_path, data_c
     cfg = data_config(path=str(tmp_path / "c"), valid_pct=0.0, augment=False, flip=False, cache=cache)
     single = build_data(cfg, 4, 0)
     assert single.steps_per_epoch == 5
+    assert single.num_valid == 0 and single.valid_steps == 0 and list(single.valid_batches()) == []
     seen = [i for bt in single.train_batches(0) for i in item_ids(bt["image"], ids)]
     assert len(seen) == 20 and len(set(seen)) == 20  # each item at most once per epoch
     seen1 = [i for bt in single.train_batches(1) for i in item_ids(bt["image"], ids)]
