@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 # The torch reference ResNet lives next to the model parity tests.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
+_models = str(Path(__file__).resolve().parents[1] / "models")
+if _models not in sys.path:
+    sys.path.insert(0, _models)
 
 
 @pytest.fixture(scope="session")
