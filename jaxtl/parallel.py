@@ -76,12 +76,16 @@ class DataParallel:
         if global_batch % n or global_batch % p:
             raise ValueError(
                 f"config field {what}={global_batch} must be divisible by the number of devices ({n}, over "
-                f"{p} process(es)); use e.g. --config.{what}={max(n, global_batch // n * n)}")
+                f"{p} process(es)); use e.g. --config.{what}={-(-global_batch // n) * n}")
 
     # ---- placement -------------------------------------------------------------------------------------
     def put_state(self, tree: PyTree) -> PyTree:
-        """Replicate a host or device pytree onto every device."""
+        """Replicate a host or device pytree onto every device, always as fresh buffers (the train step donates
+        its state, which must never delete the caller's arrays)."""
         if self.mode == "jit":
+            # device_put may reuse a source buffer as one of the replicas (even with may_alias=False when
+            # the device set changes), so copy device arrays first
+            tree = jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, tree)
             return jax.device_put(tree, self.replicated)
         n = self.n_local
         return jax.tree.map(lambda x: jax.device_put(jnp.stack([jnp.asarray(x)] * n), self._stacked), tree)
