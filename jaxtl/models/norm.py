@@ -41,18 +41,22 @@ class BatchNorm(nn.Module):
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
         axes = tuple(range(x.ndim - 1))
         if train:
+            # Two-pass variance mean((x - mu)^2): closer to PyTorch than E[x^2] - mu^2 in float32.
             x32 = x.astype(jnp.float32)
+            sync = self.axis_name is not None and not self.is_initializing()
             mean = jnp.mean(x32, axes)
-            mean_sq = jnp.mean(jnp.square(x32), axes)
+            if sync:
+                mean = jax.lax.pmean(mean, self.axis_name)
+            var = jnp.mean(jnp.square(x32 - mean), axes)
+            if sync:
+                var = jax.lax.pmean(var, self.axis_name)
             n = 1
             for a in axes:
                 n *= x.shape[a]
-            if self.axis_name is not None and not self.is_initializing():
-                mean, mean_sq = jax.lax.pmean((mean, mean_sq), self.axis_name)
+            if sync:
                 n *= jax.lax.psum(1, self.axis_name)
-            var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
             if not self.is_initializing():
-                unbiased = var * (n / max(n - 1, 1))
+                unbiased = var * (n / jnp.maximum(n - 1, 1))
                 ra_mean.value = (1 - self.momentum) * ra_mean.value + self.momentum * mean
                 ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * unbiased
         else:
