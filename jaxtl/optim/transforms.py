@@ -66,10 +66,7 @@ def _default_wd_mask(wd_mask: MaskOrFn | None) -> MaskOrFn:
 
 
 def _is_param_shaped(node: Any, treedef: Any, shapes: list[tuple[int, ...]]) -> bool:
-    try:
-        leaves, nd = jax.tree_util.tree_flatten(node)
-    except Exception:  # noqa: BLE001 - any non-tree node simply is not param-shaped
-        return False
+    leaves, nd = jax.tree_util.tree_flatten(node)
     return nd == treedef and [np.shape(x) for x in leaves] == shapes
 
 
