@@ -26,7 +26,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from optax.schedules._inject import InjectStatefulHyperparamsState, WrappedScheduleState
 
 from jaxtl import groups
 
@@ -235,15 +234,15 @@ def restart_schedules(opt_state: Any) -> Any:
 
     For carrying optimiser state into a new one-cycle phase (``train.reset_opt_on_freeze=False``).
     """
-    kinds = (WrappedScheduleState, InjectStatefulHyperparamsState)
+    kind = optax.InjectStatefulHyperparamsState
 
     def fix(node: Any) -> Any:
-        if isinstance(node, WrappedScheduleState):
-            return node._replace(count=jnp.zeros_like(node.count))
-        if isinstance(node, InjectStatefulHyperparamsState):
+        if isinstance(node, kind):
+            # jaxtl passes plain schedules, which inject_hyperparams wraps as WrappedSchedule: their only state
+            # is their step count, so zeroing every leaf of ``hyperparams_states`` restarts them.
             return node._replace(count=jnp.zeros_like(node.count),
-                                 hyperparams_states=restart_schedules(node.hyperparams_states),
+                                 hyperparams_states=jax.tree_util.tree_map(jnp.zeros_like, node.hyperparams_states),
                                  inner_state=restart_schedules(node.inner_state))
         return node
 
-    return jax.tree_util.tree_map(fix, opt_state, is_leaf=lambda x: isinstance(x, kinds))
+    return jax.tree_util.tree_map(fix, opt_state, is_leaf=lambda x: isinstance(x, kind))
