@@ -56,7 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.head = "fastai"  # fastai | linear
     m.head_dropout = 0.5
     m.zero_init_residual = False
-    m.weights_dir = ""  # download cache ('' = ~/.cache/jaxtl)
+    m.weights_dir = ""  # download cache ('' = $JAXTL_CACHE or ~/.cache/jaxtl/weights)
 
     c.train = t = ml_collections.ConfigDict()
     t.recipe = "fine_tune"  # fine_tune | one_cycle | lr_find

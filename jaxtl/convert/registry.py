@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from jaxtl.convert.io import detect_format, load_variables, save_variables
@@ -225,6 +226,41 @@ def _head_meta(variables: dict[str, Any]) -> dict[str, str]:
     return {"head": "none", "num_classes": "0"}
 
 
+DEMO_PREFIX = "demo:"
+
+
+def demo_weights_file(spec: str, arch: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """``demo:<arch>[:seed]`` -> a seeded, randomly initialised ``arch`` with a 1000-class fc, written once
+    in torchvision's state-dict names as safetensors (timm's file layout) into ``<cache>/demo/``.
+
+    It stands in for a downloaded ImageNet file where there is no network (the README's demo job), so
+    the demo runs the same convert-and-merge path as ``resnet34.tv_in1k``.
+    """
+    parts = spec[len(DEMO_PREFIX):].split(":")
+    if parts[0] != arch:
+        raise ValueError(f"model.pretrained={spec!r} names {parts[0]!r} but model.arch={arch!r}; use demo:{arch}")
+    seed = int(parts[1]) if len(parts) > 1 else 0
+    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    path = cache / "demo" / f"{arch}-seed{seed}.safetensors"
+    if path.is_file():
+        return path
+    import jax
+    import jax.numpy as jnp
+    import safetensors.numpy
+
+    from jaxtl.convert.mapping import variables_to_state_dict
+    from jaxtl.models import create_model
+
+    model = create_model(arch, 1000, head="linear")
+    variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, 32, 32, 3)), train=False))(jax.random.key(seed))
+    sd = variables_to_state_dict(jax.tree_util.tree_map(np.asarray, variables), arch)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    safetensors.numpy.save_file(sd, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path)
+    return path
+
+
 def load_pretrained(
     spec: str, arch: str, cache_dir: str | os.PathLike | None = None, *, progress: bool = True
 ) -> dict[str, Any]:
@@ -237,6 +273,8 @@ def load_pretrained(
     """
     if arch not in ARCHS:
         raise ValueError(f"model.arch={arch!r} is not known; choose one of {sorted(ARCHS)}")
+    if spec.startswith(DEMO_PREFIX):
+        return convert_file(demo_weights_file(spec, arch, cache_dir), arch, "timm")
     path = Path(spec).expanduser()
     if path.is_file():
         return convert_file(path, arch)
