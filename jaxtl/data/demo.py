@@ -1,11 +1,12 @@
 """A small synthetic image-classification set (``data.source='demo'``) written as real JPEG files.
 
-Class ``k`` is a filled shape (circle, square, triangle, ...) in its own hue, at a random position, size and
-rotation, on a random two-colour gradient background with pixel noise; image sides vary in 96..144 px so the
-crops and resizes do real work. Everything is drawn from ``numpy.random.default_rng([k, i])``: the files are
-the same on every machine. They go to ``<cache_dir>/demo/v1_<classes>x<images>/<class>/<class>_<i>.jpg`` once
-(written to a temporary folder, then renamed, so concurrent processes never see half a dataset) and are then
-read through the ``folder`` source like any image folder.
+Class ``k`` of ``n`` is a filled shape (circle, square, triangle, ...) in its own hue (``k / n`` of the
+colour wheel), at a random position, size and rotation, on a random two-colour gradient background with
+pixel noise; image sides vary in 96..144 px so the crops and resizes do real work. Everything is drawn from
+``numpy.random.default_rng([k, i, version])``: the files are the same on every machine. They go to
+``<cache_dir>/demo/v2_<classes>x<images>/<class>/<class>_<i>.jpg`` once (written to a temporary folder, then
+renamed, so concurrent processes never see half a dataset) and are then read through the ``folder`` source
+like any image folder.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from PIL import Image, ImageDraw
 from jaxtl.data.decode import default_cache_dir
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "star", "diamond", "stripes", "dots", "hexagon")
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 
 
 def _polygon(cx: float, cy: float, r: float, n: int, rot: float, inner: float | None = None) -> list[tuple]:
@@ -36,10 +37,11 @@ def _polygon(cx: float, cy: float, r: float, n: int, rot: float, inner: float | 
     return pts
 
 
-def draw_demo_image(class_index: int, image_index: int) -> Image.Image:
-    """The ``image_index``-th RGB image of class ``class_index`` (deterministic)."""
-    if not 0 <= class_index < len(SHAPES):
-        raise ValueError(f"class_index must be in [0, {len(SHAPES)}), got {class_index}")
+def draw_demo_image(class_index: int, image_index: int, num_classes: int = len(SHAPES)) -> Image.Image:
+    """The ``image_index``-th RGB image of class ``class_index`` of ``num_classes`` (deterministic); the
+    classes' hues are spread evenly around the colour wheel."""
+    if not 0 <= class_index < num_classes <= len(SHAPES):
+        raise ValueError(f"need 0 <= class_index < num_classes <= {len(SHAPES)}, got {class_index}, {num_classes}")
     rng = np.random.default_rng([class_index, image_index, DEMO_VERSION])
     w, h = (int(v) for v in rng.integers(96, 145, size=2))
     # background: a gradient between two random dull colours, plus noise
@@ -48,7 +50,7 @@ def draw_demo_image(class_index: int, image_index: int) -> Image.Image:
     bg = c0 * (1 - t) + c1 * t + rng.normal(0, 12, size=(h, w, 3))
     img = Image.fromarray(np.clip(np.broadcast_to(bg, (h, w, 3)), 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(img)
-    hue = (class_index / len(SHAPES) + rng.uniform(-0.03, 0.03)) % 1.0
+    hue = (class_index / num_classes + rng.uniform(-0.03, 0.03)) % 1.0
     colour = tuple(int(255 * v) for v in colorsys.hsv_to_rgb(hue, rng.uniform(0.7, 1.0), rng.uniform(0.8, 1.0)))
     r = rng.uniform(0.2, 0.35) * min(w, h)
     cx, cy = rng.uniform(r, w - r), rng.uniform(r, h - r)
@@ -109,7 +111,7 @@ def make_demo_folder(num_classes: int = 2, images_per_class: int = 96, cache_dir
             d = tmp / SHAPES[k]
             d.mkdir()
             for i in range(images_per_class):
-                draw_demo_image(k, i).save(d / f"{SHAPES[k]}_{i:04d}.jpg", quality=90)
+                draw_demo_image(k, i, num_classes).save(d / f"{SHAPES[k]}_{i:04d}.jpg", quality=90)
         try:
             os.rename(tmp, root)
         except OSError:
