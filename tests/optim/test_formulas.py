@@ -140,3 +140,22 @@ def test_scheduled_b1_is_used():
 def test_optimizers_are_optax_transformations():
     for tx in (optim.adam(1e-3), optim.lamb(1e-3), optim.lamb_fastai(1e-3), optim.sgd(1e-3, nesterov=True)):
         assert isinstance(tx, optax.GradientTransformation)
+
+
+def test_check_script_exit_code(monkeypatch, capsys):
+    """scripts/check_formulas.py prints every row and exits non-zero when one fails."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "check_formulas.py"
+    spec = importlib.util.spec_from_file_location("check_formulas_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    ok = checks.CheckResult("rule a", "updates", 1e-9, 1e-7, 1e-6, "jaxtl/x.py")
+    bad = checks.CheckResult("rule b", "params", 1e-3, 1e-2, 1e-6, "jaxtl/y.py")
+    monkeypatch.setattr(script.checks, "run_all", lambda: [ok])
+    assert script.main([]) == 0
+    monkeypatch.setattr(script.checks, "run_all", lambda: [ok, bad])
+    assert script.main(["--markdown"]) == 1
+    out = capsys.readouterr().out
+    assert "rule b" in out and "FAIL" in out and "1/2 checks passed" in out
