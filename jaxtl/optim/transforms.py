@@ -6,7 +6,7 @@ wrapped as schedules too, which keeps the optimiser-state structure the same whi
 
 - :func:`adam`: fastai's ``Adam`` (β=(0.9, 0.99), ε=1e-5 outside the square root, bias correction,
   decoupled decay ``p <- p (1 - lr wd)``) = ``scale_by_adam`` + ``add_decayed_weights`` + ``scale_by_learning_rate``.
-- :func:`lamb`: You et al. 2019, Algorithm 2 = ``optax.lamb`` (trust ratio ||x|| / ||r + λx||).
+- :func:`lamb`: You et al. 2020, Algorithm 2 = ``optax.lamb`` (trust ratio ||x|| / ||r + λx||).
 - :func:`lamb_fastai`: fastai's ``Lamb``: trust ratio ||x (1 - lr wd)|| / ||r||, capped at 10, decay outside it.
 - :func:`sgd`: momentum ``b <- μ b + g`` (PyTorch/fastai form), optional Nesterov, decoupled decay.
 
@@ -36,7 +36,7 @@ LAMB_FASTAI_MAX_RATIO = 10.0  # fastai's lamb_step: q = min(r1 / r2, 10)
 
 
 class _Constant:
-    """A constant schedule (a class, not a lambda, so that equal optimisers compare and print sensibly)."""
+    """A constant schedule (a class rather than a lambda, so that it prints as its value)."""
 
     def __init__(self, value: float) -> None:
         self.value = float(value)
@@ -201,7 +201,7 @@ def adam(learning_rate: ScalarOrSchedule, b1: ScalarOrSchedule = 0.9, b2: float 
 def lamb(learning_rate: ScalarOrSchedule, b1: ScalarOrSchedule = 0.9, b2: float = 0.999, eps: float = 1e-6,
          weight_decay: float = 0.0, wd_mask: MaskOrFn | None = None, trainable: MaskOrFn | None = None) \
         -> optax.GradientTransformation:
-    """LAMB (You et al. 2019, Alg. 2; optax's defaults): ``x <- x - lr ||x|| / ||r + wd x|| (r + wd x)``."""
+    """LAMB (You et al. 2020, Alg. 2; optax's defaults): ``x <- x - lr ||x|| / ||r + wd x|| (r + wd x)``."""
     return _inject(_lamb_core, _STATIC, learning_rate=_as_schedule(learning_rate), b1=_as_schedule(b1), b2=b2,
                    eps=eps, weight_decay=weight_decay, wd_mask=_default_wd_mask(wd_mask), trainable=trainable)
 
