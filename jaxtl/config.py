@@ -14,7 +14,7 @@ import ml_collections
 RECIPES = ("fine_tune", "one_cycle", "lr_find")
 RECIPE_DEFAULTS = {"fine_tune": {"pct_start": 0.3, "div": 5.0}, "one_cycle": {"pct_start": 0.25, "div": 25.0}}
 SOURCES = ("folder", "name_func", "tfds", "demo")
-OPTIMIZERS = ("adam", "lamb", "lamb_fastai", "sgd")
+OPTIMIZERS = ("adam", "adamw", "lamb", "lamb_fastai", "sgd")  # adamw = adam (decoupled wd)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -81,7 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
     t.distributed = False  # call jax.distributed.initialize() (multi-host)
 
     c.optim = o = ml_collections.ConfigDict()
-    o.name = "adam"  # adam | lamb | lamb_fastai | sgd
+    o.name = "adam"  # adam (= adamw: decoupled weight decay) | lamb | lamb_fastai | sgd
     o.wd = 0.01
     o.b2 = 0.99
     o.eps = 1e-5

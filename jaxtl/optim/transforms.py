@@ -224,8 +224,9 @@ def sgd(learning_rate: ScalarOrSchedule, momentum: ScalarOrSchedule = 0.9, neste
                    weight_decay=weight_decay, wd_mask=_default_wd_mask(wd_mask), trainable=trainable)
 
 
+# "adamw" is an alias: fastai's Adam already applies decoupled weight decay (Loshchilov & Hutter's AdamW).
 OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
-    "adam": adam, "lamb": lamb, "lamb_fastai": lamb_fastai, "sgd": sgd,
+    "adam": adam, "adamw": adam, "lamb": lamb, "lamb_fastai": lamb_fastai, "sgd": sgd,
 }
 
 
