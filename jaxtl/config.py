@@ -44,6 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
     d.on_corrupt = "skip"  # skip (warn and drop) | error
     d.tfds_name = "oxford_iiit_pet"
     d.data_dir = ""  # TFDS data_dir ('' = TFDS default)
+    d.download = True  # let TFDS download + prepare a missing dataset (offline: fails at once with what to fetch)
     d.num_workers = -1  # tf.data parallelism (-1 = AUTOTUNE)
     d.shuffle_buffer = 2048
     d.cache = False  # cache decoded images in memory (small datasets)

@@ -349,6 +349,36 @@ def _default_tfds_dir() -> str:
     return os.environ.get("TFDS_DATA_DIR") or str(Path.home() / "tensorflow_datasets")
 
 
+NETWORK_PROBE = ("storage.googleapis.com", 443)  # TFDS's own bucket: reachable whenever TFDS can download
+
+
+def network_reachable(host_port: tuple[str, int] = NETWORK_PROBE, timeout: float = 5.0) -> str | None:
+    """None when a TCP connection to ``host_port`` opens within ``timeout`` s, else the reason it did not."""
+    import socket
+
+    try:
+        with socket.create_connection(host_port, timeout=timeout):
+            return None
+    except OSError as e:
+        return f"{type(e).__name__}: {e}"
+
+
+def _download_tfds(name: str, data_dir: str) -> None:
+    """Let TFDS download and prepare ``name``; offline, fail at once instead of TFDS's minutes of retries."""
+    import tensorflow_datasets as tfds
+
+    reason = network_reachable()
+    if reason is not None:
+        raise FileNotFoundError(f"TFDS dataset {name!r} is not prepared under data_dir={data_dir} and cannot be "
+                                f"downloaded: no network ({NETWORK_PROBE[0]} unreachable: {reason}).\n"
+                                + sources.tfds_help(name, data_dir))
+    try:
+        tfds.builder(name, data_dir=data_dir).download_and_prepare()
+    except Exception as e:  # noqa: BLE001 - any TFDS/network failure becomes the same actionable message
+        raise FileNotFoundError(f"TFDS could not download/prepare {name!r} into {data_dir}: {type(e).__name__}: "
+                                f"{e}\n" + sources.tfds_help(name, data_dir)) from e
+
+
 def _tfds_source(data_cfg: Any, pi: int, pc: int, cache: bool, download: bool, image_key: str,
                  label_key: str) -> tuple[_TfdsSource, list[str], int, int, str]:
     import tensorflow_datasets as tfds
@@ -356,7 +386,10 @@ def _tfds_source(data_cfg: Any, pi: int, pc: int, cache: bool, download: bool, i
     name = str(data_cfg.tfds_name)
     data_dir = str(data_cfg.data_dir) or _default_tfds_dir()
     if download:
-        tfds.builder(name, data_dir=data_dir).download_and_prepare()
+        try:
+            sources.resolve_tfds(name, data_dir)
+        except FileNotFoundError:
+            _download_tfds(name, data_dir)
     path = sources.resolve_tfds(name, data_dir)
     builder = tfds.builder_from_directory(path)
     info = builder.info
@@ -397,7 +430,7 @@ def build_data(
     label_func: Callable[[Any], Any] | None = None,
     files: Sequence[str | os.PathLike] | None = None,
     cache_dir: str | None = None,
-    download: bool = False,
+    download: bool | None = None,
     image_key: str = "image",
     label_key: str = "label",
 ) -> DataBundle:
@@ -406,7 +439,8 @@ def build_data(
     ``batch_size`` is per process. ``label_func`` overrides ``data.label`` (it gets the file name for
     ``source='name_func'``, the path for ``'folder'``); ``files`` is an explicit file list for ``'name_func'``;
     ``cache_dir`` holds the corrupt-scan cache and the demo images (default ``$JAXTL_CACHE_DIR`` or
-    ``~/.cache/jaxtl``); ``download=True`` lets TFDS download and prepare a missing dataset;
+    ``~/.cache/jaxtl``); ``download=True`` (default: config field ``data.download``) lets TFDS download and
+    prepare a missing dataset;
     ``image_key``/``label_key`` name the TFDS features.
     """
     if batch_size < 1:
@@ -433,7 +467,8 @@ def build_data(
         raise ValueError(f"files=... is a file list for data.source='name_func', not {source_name!r}")
     if source_name == "tfds":
         src, classes, num_train, num_valid, how = _tfds_source(
-            data_cfg, process_index, process_count, cache, download, image_key, label_key)
+            data_cfg, process_index, process_count, cache,
+            bool(data_cfg.get("download", False)) if download is None else download, image_key, label_key)
         if num_train == 0:
             raise ValueError(f"the training split of {how} is empty")
         if num_valid == 0:

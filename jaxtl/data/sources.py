@@ -227,13 +227,13 @@ def _version_key(v: str) -> tuple[int, ...]:
 def tfds_help(name: str, data_dir: str) -> str:
     """What to run to make a TFDS dataset available to jaxtl offline."""
     return (
-        f"jaxtl reads TFDS datasets that are already prepared and never downloads during training. On a machine "
-        f"with internet run\n    tfds build {name} --data_dir={data_dir}\n(or python -c \"import "
+        f"jaxtl downloads a missing TFDS dataset only when data.download is true and the network is reachable. "
+        f"On a machine with internet run\n    tfds build {name} --data_dir={data_dir}\n(or python -c \"import "
         f"tensorflow_datasets as tfds; tfds.builder('{name}', data_dir='{data_dir}').download_and_prepare()\"),"
         f" then copy {data_dir}/{name.split(':')[0].split('/')[0]} to this machine's data_dir "
         f"(config field data.data_dir). Datasets that need a manual download read their archives from "
-        f"{data_dir}/downloads/manual (TFDS manual_dir). Or call build_data(..., download=True) to let TFDS "
-        "download now.")
+        f"{data_dir}/downloads/manual (TFDS manual_dir). With internet, set "
+        "--config.data.download=true to let TFDS download it during the run.")
 
 
 def resolve_tfds(tfds_name: str, data_dir: str) -> str:
