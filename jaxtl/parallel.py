@@ -15,9 +15,7 @@ step, and BatchNorm syncs its moments through the model's ``axis_name="batch"``.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -151,20 +149,7 @@ class DataParallel:
         return np.concatenate([np.asarray(s.data) for s in shards], axis=0)
 
 
-def initialize_distributed(enabled: bool) -> None:
-    """Call ``jax.distributed.initialize()`` (multi-host; coordinator from the environment) when enabled."""
-    if enabled:
-        jax.distributed.initialize()
-
-
-def enable_compilation_cache(cache_dir: str = "") -> Path:
-    """Turn on JAX's persistent compilation cache in ``cache_dir`` ('' = ``~/.cache/jaxtl/xla``).
-
-    Later runs with the same model, batch shape and phase skip XLA compilation. Returns the directory.
-    """
-    path = Path(os.path.expanduser(cache_dir or "~/.cache/jaxtl/xla"))
-    path.mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    return path
+def initialize_distributed() -> None:
+    """``jax.distributed.initialize()`` for multi-host runs (coordinator, process count and id from the
+    environment / cluster auto-detection). Call before any other JAX call."""
+    jax.distributed.initialize()

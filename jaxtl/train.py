@@ -14,7 +14,9 @@ body parameter is trainable (``freeze()`` with ``train_bn=False``) the body runs
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -158,3 +160,15 @@ def make_predict_step(model: nn.Module) -> Callable[[dict[str, PyTree], jax.Arra
         return jax.nn.softmax(model.apply(variables, images, False).astype(jnp.float32), axis=-1)
 
     return step
+
+
+def enable_compilation_cache(cache_dir: str = "") -> Path:
+    """Turn on JAX's persistent compilation cache in ``cache_dir`` ('' = ``~/.cache/jaxtl/xla``;
+    ``config.train.compile_cache_dir``). Later runs with the same model, batch shape and phase skip XLA
+    compilation. Returns the directory."""
+    path = Path(os.path.expanduser(cache_dir or "~/.cache/jaxtl/xla"))
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path

@@ -12,7 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxtl.parallel import DataParallel, enable_compilation_cache
+from jaxtl.parallel import DataParallel
+from jaxtl.train import enable_compilation_cache
 
 HERE = Path(__file__).resolve().parent
 
