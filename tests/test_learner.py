@@ -33,10 +33,22 @@ def config(**train):
     return cfg
 
 
+@pytest.fixture(scope="module", autouse=True)
+def xla_cache(tmp_path_factory):
+    """Identical programs compiled by successive Learners come from JAX's persistent cache (as in the CLI)."""
+    from jaxtl.train import enable_compilation_cache
+
+    old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+    enable_compilation_cache(str(tmp_path_factory.mktemp("xla")))
+    yield
+    jax.config.update("jax_compilation_cache_dir", old[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+
+
 @pytest.fixture(scope="module")
 def init_vars():
     model = create_model("resnet18", C)
-    return model, model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    return model, jax.jit(lambda k: model.init(k, jnp.zeros((1, 32, 32, 3)), train=False))(jax.random.PRNGKey(0))
 
 
 def make(init_vars, workdir=None, data=None, **train):
@@ -79,6 +91,7 @@ def test_history_csv_table_tensorboard_and_compile_once(init_vars, tmp_path, cap
     assert probs.shape == (5, C) and np.allclose(probs.sum(-1), 1, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_after_sigint_equals_uninterrupted_run(init_vars, tmp_path):
     """fine_tune(1) (frozen epoch + unfrozen epoch) interrupted by a real SIGINT in the unfrozen phase, then resumed
     by a new Learner: parameters, BatchNorm statistics, optimiser state and history are bit-identical."""
@@ -111,6 +124,7 @@ def test_resume_after_sigint_equals_uninterrupted_run(init_vars, tmp_path):
     assert b.n_frozen_groups == 0
 
 
+@pytest.mark.slow
 def test_resume_after_max_steps_one_cycle(init_vars, tmp_path):
     ref = make(init_vars, tmp_path / "ref")
     ref.fit_one_cycle(2, 2e-3)
@@ -176,6 +190,7 @@ def test_run_recipe_dispatch_and_freeze_semantics(init_vars, tmp_path):
     assert learn.n_frozen_groups == 0
 
 
+@pytest.mark.slow
 def test_pmap_mode_single_device(init_vars, tmp_path):
     learn = make(init_vars, tmp_path, parallel="pmap", max_steps=2)
     learn.fit_one_cycle(1, 1e-3)
@@ -199,6 +214,7 @@ def _write_folder(root: Path, n_per_class: int = 8, size: int = 40) -> None:
                 Image.fromarray(arr).save(d / f"{i}.jpg")
 
 
+@pytest.mark.slow
 def test_from_config_real_pipeline_pretrained_file(tmp_path):
     """Learner.from_config on a generated image folder (jaxtl.data.build_data) with pretrained weights from a
     jaxtl .safetensors file: body loaded, learner frozen; a fine_tune smoke run writes every output."""
