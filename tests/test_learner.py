@@ -239,3 +239,25 @@ def test_from_config_real_pipeline_pretrained_file(tmp_path):
     for key in ("loss_curves", "confusion_matrix", "top_losses", "model"):
         assert written[key].exists(), key
     assert (tmp_path / "run" / "history.csv").exists() and (tmp_path / "run" / "checkpoints").is_dir()
+
+
+@pytest.mark.slow
+def test_learner_on_four_devices_jit_and_pmap():
+    """Subprocess with 4 CPU devices: sharded-jit and pmap Learners fit, stop on max_steps, resume bit-equal to an
+    uninterrupted run, validate, predict and lr_find."""
+    import json
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, str(here / "learner_multidevice.py")], env=env, capture_output=True,
+                          text=True, timeout=1200, cwd=here.parent)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
+    out = json.loads(lines[-1][len("RESULT "):])
+    for mode in ("jit", "pmap"):
+        r = out[mode]
+        assert r["steps"] == [6, 4, 6] and r["resume_bit_equal"], (mode, r)
+        assert r["valid_loss"][0] == r["valid_loss"][1]
+        assert r["probs_shape"] == [5, 3] and r["probs_sum_err"] < 1e-5
+        assert r["lr_find_steps"] == 6 and r["stopped"] == [False, False]
