@@ -1,0 +1,145 @@
+"""Command-line entry point::
+
+    python -m jaxtl.main --config configs/pets.py [--config.<field>=<value> ...] [--workdir DIR] [--resume]
+
+Loads the config (``ml_collections`` config file; every field in ``jaxtl/config.py`` can be overridden),
+checks it and the work dir before any heavy work, builds a :class:`jaxtl.learner.Learner`, runs the
+recipe (``train.recipe``) and leaves in the work dir: ``config.json``, ``train.log``, ``history.csv``,
+TensorBoard events, checkpoints, and PNG plots (loss curves, confusion matrix, top losses, lr_find).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+from jaxtl import config as jconfig
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py[:variant]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config>/<date-time>).")
+_RESUME = flags.DEFINE_bool("resume", False, "Continue the run in --workdir from its latest checkpoint.")
+
+log = logging.getLogger("jaxtl")
+MIN_FREE_BYTES = 256 * 2**20
+
+
+def default_workdir(config_arg: str) -> Path:
+    stem = Path(config_arg.split(":")[0]).stem
+    variant = config_arg.split(":")[1] if ":" in config_arg else ""
+    return Path("runs") / (stem + (f"-{variant}" if variant else "")) / time.strftime("%Y%m%d-%H%M%S")
+
+
+def prepare_workdir(workdir: Path, resume: bool, need_bytes: int = MIN_FREE_BYTES) -> None:
+    """Create and probe the work dir now, so a read-only or full disk fails before training, not after epoch 1."""
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / ".write_probe"
+        probe.write_bytes(b"0" * 4096)
+        probe.unlink()
+    except OSError as e:
+        raise SystemExit(f"error: work dir {workdir} is not writable ({e.strerror}); "
+                         "pass --workdir=<a writable folder>") from None
+    free = shutil.disk_usage(workdir).free
+    if free < need_bytes:
+        raise SystemExit(f"error: only {free / 2**20:.0f} MiB free on the disk of work dir {workdir}; checkpoints need "
+                         f"about {need_bytes / 2**20:.0f} MiB. Free some space or pass --workdir on another disk.")
+    if not resume and (workdir / "checkpoints").exists() and any((workdir / "checkpoints").iterdir()):
+        raise SystemExit(f"error: {workdir} already holds checkpoints of a run; pass --resume to continue it, "
+                         "or choose a new --workdir.")
+
+
+USER_ERRORS = (FileNotFoundError, ValueError, RuntimeError, OSError)
+
+
+def preflight_message(config, error: BaseException) -> str:
+    """The error that stopped the start, plus whether the weights are available too, so an offline user learns
+    everything that is missing (data *and* weights) from one run."""
+    lines = [f"error: {error}"]
+    spec = config.model.pretrained
+    if spec and "pretrained" not in str(error) and "weights" not in str(error):
+        from jaxtl.convert import load_pretrained
+
+        try:
+            load_pretrained(spec, config.model.arch, cache_dir=config.model.weights_dir or None)
+        except USER_ERRORS as e2:
+            lines.append(f"error: also, the pretrained weights model.pretrained={spec!r} are not available: {e2}")
+    return "\n".join(lines)
+
+
+def setup_logging(workdir: Path) -> None:
+    handler = logging.FileHandler(workdir / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False  # the console gets the epoch table; the details go to train.log
+    absl_logging.set_verbosity(absl_logging.WARNING)
+
+
+def main(argv: list[str]) -> int:
+    del argv
+    config = _CONFIG.value
+    try:
+        jconfig.validate(config)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+    from jaxtl import learner as jlearner
+    from jaxtl import parallel
+    from jaxtl import train as jtrain
+
+    if config.train.distributed:  # before any other JAX call
+        parallel.initialize_distributed()
+    jtrain.enable_compilation_cache(config.train.compile_cache_dir)
+
+    workdir = Path(_WORKDIR.value) if _WORKDIR.value else default_workdir(flags.FLAGS["config"].config_filename)
+    prepare_workdir(workdir, _RESUME.value)
+    setup_logging(workdir)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    log.info("config: %s", json.dumps(config.to_dict(), default=str))
+    print(f"jaxtl: work dir {workdir}", flush=True)
+
+    try:
+        learn = jlearner.Learner.from_config(config, workdir=workdir)
+    except USER_ERRORS as e:
+        raise SystemExit(preflight_message(config, e)) from None
+
+    # SIGINT: the Learner's handler finishes the current step, checkpoints and returns (a second Ctrl-C aborts).
+    t0 = time.time()
+    try:
+        result = jlearner.run_recipe(learn, config, resume=_RESUME.value)
+    except USER_ERRORS as e:
+        raise SystemExit(f"error: {e}") from None
+    if learn.stopped_early:
+        if learn.stop_reason == "interrupted":
+            print(f"jaxtl: stopped by interrupt; checkpoint saved in {workdir / 'checkpoints'}. Resume with:\n"
+                  f"  python -m jaxtl.main --config {flags.FLAGS['config'].config_filename} --workdir {workdir} "
+                  "--resume", flush=True)
+            return 130
+        print(f"jaxtl: stopped: {learn.stop_reason}\nThe last good checkpoint is kept in {workdir / 'checkpoints'}.",
+              file=sys.stderr, flush=True)
+        return 1
+    learn.write_report()
+    print(f"jaxtl: done in {time.time() - t0:.0f}s; {result}; outputs in {workdir}", flush=True)
+    return 0
+
+
+def run() -> None:
+    try:
+        jconfig.check_override_names(sys.argv[1:])
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
