@@ -122,13 +122,14 @@ class HistoryLogger:
     def write_csv(self, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:
         if not self.enabled:
             return
-        cols = ["phase", *columns]
+        """One row per epoch with exactly the table's columns (the documented CSV contract); the phase of each
+        row lives in the checkpoint metadata and TensorBoard."""
         tmp = self.csv_path.with_suffix(".csv.tmp")
         with open(tmp, "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(cols)
+            w.writerow(list(columns))
             for r in rows:
-                w.writerow([format_value(c, r.get(c, "")) if c != "phase" else r.get("phase", 0) for c in cols])
+                w.writerow([format_value(c, r.get(c, "")) for c in columns])
         tmp.replace(self.csv_path)
 
     def log_epoch(self, row: Mapping[str, Any], global_step: int) -> None:

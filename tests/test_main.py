@@ -1,0 +1,92 @@
+"""The CLI as a user drives it: override checks, a tiny demo run end to end, prediction, offline pets."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--config.data.demo_images=12", "--config.data.size=32", "--config.train.batch_size=4",
+        "--config.train.epochs=1", "--config.train.freeze_epochs=1", "--config.train.max_steps=2"]
+
+
+def run_cli(module: str, *args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=full_env)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.train.lrr=1e-3", "did you mean train.lr"),
+    ("--config.optim.nmae=lamb", "did you mean optim.name"),
+])
+def test_unknown_fields_are_rejected_with_closest_names(override, message):
+    r = run_cli("jaxtl.main", "--config", "configs/demo.py", override)
+    assert r.returncode == 2
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.train.epochs=abc", "train.epochs"),
+    ("--config.train.recipe=finetune", "did you mean 'fine_tune'"),
+    ("--config.train.parallel=pjit", "train.parallel"),
+])
+def test_wrong_values_and_types_name_the_field(override, message, tmp_path):
+    r = run_cli("jaxtl.main", "--config", "configs/demo.py", override, f"--workdir={tmp_path / 'w'}")
+    assert r.returncode != 0
+    assert message in r.stderr + r.stdout
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_demo_run_leaves_table_history_plots_and_a_model_that_predicts(tmp_path):
+    env = {"JAXTL_CACHE": str(tmp_path / "cache"), "JAXTL_CACHE_DIR": str(tmp_path / "cache")}
+    work = tmp_path / "run"
+    r = run_cli("jaxtl.main", "--config", "configs/demo.py", *TINY, f"--workdir={work}",
+                f"--config.train.compile_cache_dir={tmp_path / 'xla'}", env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "train_loss" in r.stdout and "valid_loss" in r.stdout and "error_rate" in r.stdout
+    with open(work / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["epoch", "train_loss", "valid_loss", "error_rate", "accuracy", "time"]
+    assert len(rows) == 2  # frozen epoch + unfrozen epoch
+    for name in ("config.json", "train.log", "model.safetensors", "loss_curves.png", "confusion_matrix.png",
+                 "top_losses.png"):
+        assert (work / name).is_file(), name
+    assert json.loads((work / "config.json").read_text())["model"]["pretrained"] == "demo:resnet18"
+
+    images = sorted((tmp_path / "cache").rglob("*.jpg"))[:2]
+    p = run_cli("jaxtl.predict", "--workdir", str(work), *map(str, images), "--json", env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    preds = json.loads(p.stdout)
+    from jaxtl.predict import load_predictor
+
+    classes = load_predictor(work).classes
+    assert len(classes) == 2
+    assert [r["path"] for r in preds] == [str(i) for i in images]
+    for r in preds:
+        assert r["label"] in classes
+        assert 0.0 <= r["probability"] <= 1.0
+        assert abs(sum(p for _, p in r["top"]) - r["probability"]) < 1e-6
+    # a second run into the same work dir without --resume is refused, nothing overwritten
+    again = run_cli("jaxtl.main", "--config", "configs/demo.py", *TINY, f"--workdir={work}", env=env)
+    assert again.returncode != 0 and "--resume" in again.stderr
+
+
+def test_pets_offline_fails_fast_naming_data_and_weights(tmp_path):
+    from jaxtl.data.pipeline import network_reachable
+
+    if network_reachable() is None:
+        pytest.skip("network reachable: pets.py would download for real")
+    r = run_cli("jaxtl.main", "--config", "configs/pets.py", f"--workdir={tmp_path / 'w'}",
+                f"--config.data.data_dir={tmp_path / 'tfds'}", f"--config.model.weights_dir={tmp_path / 'wc'}",
+                timeout=120)
+    assert r.returncode != 0
+    assert "tfds build oxford_iiit_pet" in r.stderr
+    assert "resnet34-b627a593.pth" in r.stderr and str(tmp_path / "wc") in r.stderr
+    assert "Traceback" not in r.stderr
