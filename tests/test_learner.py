@@ -190,6 +190,25 @@ def test_run_recipe_dispatch_and_freeze_semantics(init_vars, tmp_path):
     assert learn.n_frozen_groups == 0
 
 
+def test_freeze_keeps_body_bit_identical_with_real_optimizer(init_vars):
+    """freeze() + fit with jaxtl.optim's fastai Adam: frozen conv kernels bit-identical, head and BatchNorm
+    parameters move, running statistics of the frozen body move (train-mode BN, as fastai)."""
+    learn = make(init_vars)
+    learn.freeze()
+    before = jax.tree.map(np.array, learn.variables)
+    learn.fit_one_cycle(1, 1e-2)
+    after = learn.variables
+    body_b, body_a = before["params"]["body"], after["params"]["body"]
+    for block, conv in (("layer4_1", "conv2"), ("layer1_0", "conv1")):
+        assert np.asarray(body_a[block][conv]["kernel"]).tobytes() == body_b[block][conv]["kernel"].tobytes()
+    assert np.asarray(body_a["conv1"]["kernel"]).tobytes() == body_b["conv1"]["kernel"].tobytes()
+    assert not np.array_equal(np.asarray(body_a["bn1"]["scale"]), body_b["bn1"]["scale"])
+    assert not np.array_equal(np.asarray(after["params"]["head"]["fc2"]["kernel"]),
+                              before["params"]["head"]["fc2"]["kernel"])
+    assert not np.allclose(np.asarray(after["batch_stats"]["body"]["layer1_0"]["bn1"]["mean"]),
+                           before["batch_stats"]["body"]["layer1_0"]["bn1"]["mean"])
+
+
 @pytest.mark.slow
 def test_pmap_mode_single_device(init_vars, tmp_path):
     learn = make(init_vars, tmp_path, parallel="pmap", max_steps=2)
