@@ -299,12 +299,9 @@ class Learner:
                 return rows
             finished = step_in_epoch >= spe
             pos = (epoch + 1, 0) if finished else (epoch, step_in_epoch)
-            if end_reason == "interrupted":
+            if end_reason == "interrupted" and not finished:
                 self._save(ctx, pos)
-                self.stopped_early, self.stop_reason = True, "interrupted"
-                where = f"; checkpoint saved in {self.workdir}" if self._ckpt else " (no checkpoint: no work dir)"
-                print(f"jaxtl: stopped at step {self.global_step}{where}", file=sys.stderr, flush=True)
-                return rows
+                return self._interrupted(rows)
             if not finished:  # max_steps: checkpoint the exact position before the partial epoch's row
                 self._save(ctx, pos)
             row = self._epoch_row(ctx["phase"], time.time() - t0)
@@ -312,9 +309,17 @@ class Learner:
             table.write(row)
             if finished:
                 self._save(ctx, pos, row=row)
+            if end_reason == "interrupted":  # on an epoch's last batch: the epoch was completed normally
+                return self._interrupted(rows)
             start_step = 0
             if max_steps and steps_run >= max_steps:
                 break
+        return rows
+
+    def _interrupted(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        self.stopped_early, self.stop_reason = True, "interrupted"
+        where = f"; checkpoint saved in {self.workdir}" if self._ckpt else " (no checkpoint: no work dir)"
+        print(f"jaxtl: stopped at step {self.global_step}{where}", file=sys.stderr, flush=True)
         return rows
 
     def _consume(self, pending: tuple[Any, int, int], ctx: dict[str, Any], bar: progress.ProgressBar) -> bool:
