@@ -120,10 +120,10 @@ class HistoryLogger:
         return self._tb
 
     def write_csv(self, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:
+        """One row per epoch with exactly the table's columns (the documented CSV contract); the phase of each
+        row lives in the checkpoint metadata and TensorBoard (``epoch/phase``)."""
         if not self.enabled:
             return
-        """One row per epoch with exactly the table's columns (the documented CSV contract); the phase of each
-        row lives in the checkpoint metadata and TensorBoard."""
         tmp = self.csv_path.with_suffix(".csv.tmp")
         with open(tmp, "w", newline="") as f:
             w = csv.writer(f)
@@ -137,12 +137,10 @@ class HistoryLogger:
             return
         w = self._writer()
         for k, v in row.items():
-            if k in ("epoch", "phase", "time"):
+            if k in ("epoch", "time"):
                 continue
             if isinstance(v, int | float) and math.isfinite(float(v)):
                 w.add_scalar(f"epoch/{k}", float(v), global_step)
-        if "seconds" in row:
-            w.add_scalar("epoch/seconds", float(row["seconds"]), global_step)
         w.flush()
 
     def log_step(self, global_step: int, loss: float, lr: float) -> None:

@@ -78,9 +78,9 @@ def test_history_csv_table_tensorboard_and_compile_once(init_vars, tmp_path, cap
     assert learn._train_step._cache_size() == 1  # one compilation for both epochs
     with open(tmp_path / "history.csv") as f:
         table = list(csv.reader(f))
-    assert table[0] == ["phase", "epoch", "train_loss", "valid_loss", "error_rate", "accuracy", "time"]
-    assert [r[1] for r in table[1:]] == ["0", "1"]
-    assert float(table[2][3]) == pytest.approx(rows[1]["valid_loss"], abs=1e-6)
+    assert table[0] == ["epoch", "train_loss", "valid_loss", "error_rate", "accuracy", "time"]
+    assert [r[0] for r in table[1:]] == ["0", "1"]
+    assert float(table[2][2]) == pytest.approx(rows[1]["valid_loss"], abs=1e-6)
     assert rows[1]["error_rate"] == pytest.approx(1 - rows[1]["accuracy"])
     out = capsys.readouterr().out
     assert out.splitlines()[0].split() == ["epoch", "train_loss", "valid_loss", "error_rate", "accuracy", "time"]
