@@ -103,6 +103,9 @@ class Learner:
         self._eval = self.par.eval_step(make_eval_step(self.model, axis_name=self.par.model_axis_name))
         self._predict = self.par.predict_step(make_predict_step(self.model))
         self._train_step: Any = None
+        # Wall seconds by activity over the Learner's life (for scripts/bench_e2e.py): waiting for the input
+        # pipeline, the first step of each phase (trace + compile or cache load), later steps, validation.
+        self.timings = {"data_wait": 0.0, "first_step": 0.0, "step": 0.0, "validate": 0.0}
 
     # ------------------------------------------------------------------------------------------ building
     @classmethod
@@ -272,16 +275,30 @@ class Learner:
             end_reason = None
             step_in_epoch = start_step
             pending: tuple[Any, int, int] | None = None
+            batches = iter(self.data.train_batches(self.data_epoch, start_step))
             try:
-                for batch in self.data.train_batches(self.data_epoch, start_step):
+                while True:
+                    t_wait = time.perf_counter()
+                    batch = next(batches, None)
+                    t_step = time.perf_counter()
+                    self.timings["data_wait"] += t_step - t_wait
+                    if batch is None:
+                        break
                     self.state, out = self._train_step(self.state, self.par.put_batch(batch))
+                    if steps_run == 0:  # the phase's first call traces + compiles (or loads from the cache)
+                        jax.block_until_ready(out["loss"])
+                        self.timings["first_step"] += time.perf_counter() - t_step
+                    else:
+                        self.timings["step"] += time.perf_counter() - t_step
                     self.global_step += 1
                     steps_run += 1
                     phase_step = epoch * spe + step_in_epoch
                     step_in_epoch += 1
+                    t_host = time.perf_counter()
                     if pending is not None and not self._consume(pending, ctx, bar):
                         end_reason = "diverged"
                         break
+                    self.timings["step"] += time.perf_counter() - t_host  # waiting for the previous step's loss
                     pending = (out["loss"], phase_step, self.global_step)
                     if self._stop_requested:
                         end_reason = "interrupted"
@@ -427,6 +444,7 @@ class Learner:
             if self.num_classes > 5:
                 out["top_5_accuracy"] = nan
             return out
+        t0 = time.perf_counter()
         variables = {"params": self.state.params, "batch_stats": self.state.batch_stats}
         total = None
         for b in self.data.valid_batches():
@@ -434,7 +452,9 @@ class Learner:
             total = sums if total is None else jax.tree.map(jnp.add, total, sums)
         if total is None:
             raise ValueError("the validation iterator yielded no batch")
-        return metrics.summarize({k: self.par.scalar(v) for k, v in total.items()})
+        out = metrics.summarize({k: self.par.scalar(v) for k, v in total.items()})
+        self.timings["validate"] += time.perf_counter() - t0
+        return out
 
     def predict(self, images: Any) -> np.ndarray:
         """Softmax probabilities ``(N, num_classes)``.
