@@ -106,6 +106,7 @@ class Learner:
         # Wall seconds by activity over the Learner's life (for scripts/bench_e2e.py): waiting for the input
         # pipeline, the first step of each phase (trace + compile or cache load), later steps, validation.
         self.timings = {"data_wait": 0.0, "first_step": 0.0, "step": 0.0, "validate": 0.0}
+        self.first_step_done_at: float | None = None  # time.time() when the first training step finished
 
     # ------------------------------------------------------------------------------------------ building
     @classmethod
@@ -288,6 +289,7 @@ class Learner:
                     if steps_run == 0:  # the phase's first call traces + compiles (or loads from the cache)
                         jax.block_until_ready(out["loss"])
                         self.timings["first_step"] += time.perf_counter() - t_step
+                        self.first_step_done_at = self.first_step_done_at or time.time()
                     else:
                         self.timings["step"] += time.perf_counter() - t_step
                     self.global_step += 1

@@ -1,0 +1,129 @@
+"""End-to-end wall time of ``fine_tune(1)``: input pipeline + compile + train + validation, with a breakdown.
+
+    python scripts/bench_e2e.py [--data DIR] [--arch resnet34] [--size 224] [--batch 32] [--runs 2] [--json out.json]
+
+Each run is a fresh Python process (as a user's second ``python -m jaxtl.main`` would be) that shares one new
+persistent XLA compilation cache with the other runs, so run 1 compiles and run 2 loads the programs from the
+cache. Per run it reports: data set-up (listing + corrupt scan + split), model set-up (init + weight
+conversion), time to the end of the first training step ("time to train", from process start), and over the
+fit: first steps of the phases (trace + compile or cache load), input waits, later steps, validation, total.
+Data: ``../shared/data/hymenoptera_data`` when present, else generated JPEGs (``scripts/bench_input.py``).
+Weights: ``demo:<arch>`` (seeded, written in torchvision names and converted) unless ``--pretrained`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "hymenoptera_data"
+T_START = time.time()
+
+
+def child(args: argparse.Namespace) -> dict:
+    """One timed fine_tune(1) in this process; returns the breakdown (seconds)."""
+    import jax
+
+    from jaxtl import train as jtrain
+    from jaxtl.config import base_config
+    from jaxtl.data import build_data
+    from jaxtl.learner import Learner
+    from jaxtl.models import create_model
+
+    jtrain.enable_compilation_cache(args.xla_cache)
+    t_import = time.time() - T_START
+    c = base_config()
+    c.data.source, c.data.path, c.data.size = "folder", args.data, args.size
+    c.model.arch, c.model.pretrained = args.arch, args.pretrained or f"demo:{args.arch}"
+    c.train.batch_size, c.train.checkpoint, c.train.compile_cache_dir = args.batch, False, args.xla_cache
+    c.train.precision = args.precision
+    t0 = time.time()
+    data = build_data(c.data, c.train.batch_size, c.seed)
+    t_data = time.time() - t0
+    t0 = time.time()
+    model = create_model(c.model.arch, len(data.classes), c.model.head)
+    import jax.numpy as jnp
+
+    from jaxtl.convert import load_pretrained, merge_pretrained
+
+    init = jax.jit(lambda k: model.init(k, jnp.zeros((1, 64, 64, 3)), train=False))(jax.random.PRNGKey(0))
+    variables = merge_pretrained(init, load_pretrained(c.model.pretrained, c.model.arch), c.model.head)
+    learn = Learner(model, variables, data, c, workdir=None)
+    learn.freeze()
+    t_model = time.time() - t0
+    t_fit0 = time.time()
+    learn.fine_tune(1, base_lr=2e-3, freeze_epochs=1)
+    t_fit = time.time() - t_fit0
+    tm = learn.timings
+    return {"imports_s": t_import, "data_setup_s": t_data, "model_setup_s": t_model,
+            "time_to_train_s": learn.first_step_done_at - T_START, "fit_s": t_fit,
+            "first_steps_s": tm["first_step"], "data_wait_s": tm["data_wait"], "steps_s": tm["step"],
+            "validate_s": tm["validate"], "other_s": t_fit - sum(tm.values()),
+            "train_images": data.num_train, "valid_images": data.num_valid,
+            "final": {k: learn.history[-1][k] for k in ("train_loss", "valid_loss", "error_rate")},
+            "total_s": time.time() - T_START}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", default=str(DEFAULT_DATA))
+    ap.add_argument("--arch", default="resnet34")
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--precision", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--pretrained", default="", help="registry name or file (default demo:<arch>)")
+    ap.add_argument("--runs", type=int, default=2, help="fresh processes sharing one new XLA cache")
+    ap.add_argument("--json", default="")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--xla-cache", default="", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(child(args)), flush=True)
+        return 0
+    if not Path(args.data).is_dir():
+        from bench_input import generated_jpegs  # noqa: E402 (scripts/ sibling)
+
+        args.data = str(generated_jpegs(Path(tempfile.mkdtemp(prefix="jaxtl_e2e_")) / "data"))
+    xla_cache = tempfile.mkdtemp(prefix="jaxtl_xla_")
+    runs = []
+    for i in range(args.runs):
+        cmd = [sys.executable, __file__, "--child", "--data", args.data, "--arch", args.arch, "--size", str(args.size),
+               "--batch", str(args.batch), "--precision", args.precision, "--pretrained", args.pretrained,
+               "--xla-cache", xla_cache]
+        r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if r.returncode != 0 or line is None:
+            print(r.stderr[-4000:], file=sys.stderr)
+            return 1
+        runs.append(json.loads(line[len("RESULT "):]))
+        print(f"run {i + 1} done", file=sys.stderr, flush=True)
+    keys = ["imports_s", "data_setup_s", "model_setup_s", "time_to_train_s", "first_steps_s", "data_wait_s",
+            "steps_s", "validate_s", "other_s", "fit_s", "total_s"]
+    print(f"fine_tune(1) end to end: {args.arch} {args.size}px batch {args.batch} {args.precision}, "
+          f"{runs[0]['train_images']} train / {runs[0]['valid_images']} valid images ({args.data})")
+    print(f"{'seconds':<16}" + "".join(f"{'run ' + str(i + 1):>10}" for i in range(len(runs))))
+    for k in keys:
+        print(f"{k:<16}" + "".join(f"{r[k]:>10.1f}" for r in runs))
+    out = {"runs": runs, "arch": args.arch, "size": args.size, "batch": args.batch, "precision": args.precision,
+           "data": args.data, "env": {"python": platform.python_version(), "cpus": os.cpu_count()}}
+    if len(runs) > 1:
+        out["time_to_train_speedup"] = runs[0]["time_to_train_s"] / runs[1]["time_to_train_s"]
+        out["compile_speedup"] = runs[0]["first_steps_s"] / max(runs[1]["first_steps_s"], 1e-9)
+        print(f"second run reaches training {out['time_to_train_speedup']:.2f}x sooner "
+              f"(first steps incl. compile: {out['compile_speedup']:.2f}x faster)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
