@@ -169,6 +169,6 @@ def enable_compilation_cache(cache_dir: str = "") -> Path:
     path = Path(os.path.expanduser(cache_dir or "~/.cache/jaxtl/xla"))
     path.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # small programs add up at start-up
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path
