@@ -52,9 +52,11 @@ def _flag(name: str) -> bool:
 
 
 def repo_root(start: Path | None = None) -> Path:
-    """The first folder upwards from ``start`` (default: cwd) holding jaxtl's ``pyproject.toml``; else ``start``."""
+    """The first folder upwards from ``start`` (default: cwd) holding jaxtl's ``pyproject.toml``, else the checkout
+    this module was imported from (an editable install), else ``start``."""
     start = (start or Path.cwd()).resolve()
-    for d in (start, *start.parents):
+    here = Path(__file__).resolve().parents[1]
+    for d in (start, *start.parents, here):
         if (d / "pyproject.toml").is_file() and (d / "jaxtl").is_dir():
             return d
     return start
