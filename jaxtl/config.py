@@ -15,6 +15,7 @@ RECIPES = ("fine_tune", "one_cycle", "lr_find")
 RECIPE_DEFAULTS = {"fine_tune": {"pct_start": 0.3, "div": 5.0}, "one_cycle": {"pct_start": 0.25, "div": 25.0}}
 SOURCES = ("folder", "name_func", "tfds", "demo")
 OPTIMIZERS = ("adam", "adamw", "lamb", "lamb_fastai", "sgd")  # adamw = adam (decoupled wd)
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")  # jaxtl.models.ARCHS (kept import-free)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -123,6 +124,32 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config field train.batch_size must be >= 1, got {config.train.batch_size}")
     if not 0.0 <= config.data.valid_pct < 1.0:
         raise ValueError(f"config field data.valid_pct must be in [0, 1), got {config.data.valid_pct}")
+    check("model.arch", config.model.arch, ARCHS)
+    check("model.head", config.model.head, ("fastai", "linear"))
+
+    def numbers(field: str, value, n: int) -> None:
+        ok = isinstance(value, tuple | list) and len(value) == n and all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+        if not ok:
+            example = ",".join(["0.9"] * n)
+            raise ValueError(f"config field {field}={value!r} needs {n} numbers, e.g. --config.{field}=({example})")
+
+    numbers("train.moms", config.train.moms, 3)
+    numbers("data.mean", config.data.mean, 3)
+    numbers("data.std", config.data.std, 3)
+    for field, value, ok, rule in [
+        ("train.lr", config.train.lr, config.train.lr > 0, "> 0"),
+        ("train.epochs", config.train.epochs, config.train.epochs >= 0, ">= 0"),
+        ("train.freeze_epochs", config.train.freeze_epochs, config.train.freeze_epochs >= 0, ">= 0"),
+        ("train.max_steps", config.train.max_steps, config.train.max_steps >= 0, ">= 0 (0 = no limit)"),
+        ("train.div_final", config.train.div_final, config.train.div_final > 0, "> 0"),
+        ("data.size", config.data.size, config.data.size >= 1, ">= 1"),
+        ("data.std", config.data.std, all(v > 0 for v in config.data.std), "positive"),
+        ("data.min_scale", config.data.min_scale, 0 < config.data.min_scale <= 1, "in (0, 1]"),
+        ("model.head_dropout", config.model.head_dropout, 0 <= config.model.head_dropout < 1, "in [0, 1)"),
+    ]:
+        if not ok:
+            raise ValueError(f"config field {field} must be {rule}, got {value!r}")
     if config.data.source in ("folder", "name_func") and not config.data.path:
         raise ValueError(f"config field data.path is empty but data.source={config.data.source!r} needs a folder; "
                          "pass --config.data.path=/path/to/images")

@@ -10,11 +10,14 @@ TensorBoard events, checkpoints, and PNG plots (loss curves, confusion matrix, t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
+import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from absl import app, flags
@@ -84,6 +87,28 @@ def setup_logging(workdir: Path) -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)
 
 
+@contextlib.contextmanager
+def stop_on_signals(learn, received: list[int]) -> Iterator[None]:
+    """For the whole recipe (every phase, and the gaps between them): the first SIGINT or SIGTERM (e.g. a
+    preempted cloud machine) asks the Learner to stop after the current step and checkpoint; a second SIGINT
+    aborts at once (KeyboardInterrupt). The signals received are appended to ``received``. The Learner sees a
+    handler installed and leaves it alone."""
+    def handler(signum: int, frame) -> None:
+        if received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        received.append(signum)
+        print(f"\njaxtl: {signal.Signals(signum).name}: finishing the current step and saving a checkpoint "
+              "(Ctrl-C again to abort)", file=sys.stderr, flush=True)
+        learn.request_stop()
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 def main(argv: list[str]) -> int:
     del argv
     config = _CONFIG.value
@@ -111,19 +136,27 @@ def main(argv: list[str]) -> int:
         learn = jlearner.Learner.from_config(config, workdir=workdir)
     except USER_ERRORS as e:
         raise SystemExit(preflight_message(config, e)) from None
+    except KeyboardInterrupt:
+        print("jaxtl: interrupted before training started; nothing to save", file=sys.stderr, flush=True)
+        return 130
 
-    # SIGINT: the Learner's handler finishes the current step, checkpoints and returns (a second Ctrl-C aborts).
     t0 = time.time()
+    signals: list[int] = []
     try:
-        result = jlearner.run_recipe(learn, config, resume=_RESUME.value)
+        with stop_on_signals(learn, signals):
+            result = jlearner.run_recipe(learn, config, resume=_RESUME.value)
     except USER_ERRORS as e:
         raise SystemExit(f"error: {e}") from None
+    except KeyboardInterrupt:  # a second Ctrl-C
+        print(f"jaxtl: aborted; the last finished checkpoint in {workdir / 'checkpoints'} is kept",
+              file=sys.stderr, flush=True)
+        return 130
     if learn.stopped_early:
         if learn.stop_reason == "interrupted":
-            print(f"jaxtl: stopped by interrupt; checkpoint saved in {workdir / 'checkpoints'}. Resume with:\n"
-                  f"  python -m jaxtl.main --config {flags.FLAGS['config'].config_filename} --workdir {workdir} "
-                  "--resume", flush=True)
-            return 130
+            code = 128 + (signals[0] if signals else signal.SIGINT)
+            if config.train.recipe == "lr_find":
+                print("jaxtl: lr_find interrupted; nothing saved", flush=True)
+                return code
         print(f"jaxtl: stopped: {learn.stop_reason}\nThe last good checkpoint is kept in {workdir / 'checkpoints'}.",
               file=sys.stderr, flush=True)
         return 1

@@ -72,11 +72,35 @@ def save_variables(path: str | os.PathLike, variables: Mapping[str, Any], meta: 
     os.close(fd)
     try:
         safetensors.numpy.save_file(flat, tmp, metadata=meta)
+        _sort_metadata(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _sort_metadata(path: Path) -> None:
+    """Rewrite the header of a fresh safetensors file with its metadata keys sorted, in place.
+
+    safetensors keeps the metadata in a hash map, so the key order (and the file's bytes) changed from one
+    process to the next; sorted, the same variables and metadata always give the same bytes. The header keeps
+    its length (safetensors pads it with spaces), so the tensor data does not move; if the re-serialised header
+    would not fit, the file is left as written.
+    """
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        raw = f.read(n)
+        header = json.loads(raw)
+        meta = header.get("__metadata__")
+        if not isinstance(meta, dict):
+            return
+        header["__metadata__"] = dict(sorted(meta.items()))
+        new = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(new) > n or json.loads(new) != json.loads(raw):
+            return
+        f.seek(8)
+        f.write(new + b" " * (n - len(new)))
 
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -87,9 +111,15 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
-    with safe_open(str(path), framework="flax") as f:
-        meta = dict(f.metadata() or {})
-        tensors = {k: np.asarray(f.get_tensor(k)) for k in f.keys()}
+    from safetensors import SafetensorError
+
+    try:
+        with safe_open(str(path), framework="flax") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: np.asarray(f.get_tensor(k)) for k in f.keys()}
+    except SafetensorError as e:  # truncated or damaged: name the file instead of a bare library error
+        raise ValueError(f"{path}: damaged or truncated safetensors file ({e}); it is {path.stat().st_size} "
+                         "bytes. Download or copy it again.") from e
     return tensors, meta
 
 

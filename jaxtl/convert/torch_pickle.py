@@ -51,8 +51,9 @@ LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
 
 
-class UnsafePickleError(pickle.UnpicklingError):
-    """The file asks the unpickler for something a plain state dict never contains."""
+class UnsafePickleError(pickle.UnpicklingError, ValueError):
+    """The file asks the unpickler for something a plain state dict never contains (also a ``ValueError``, so
+    callers that report bad user input, like the CLI, print its message instead of a traceback)."""
 
 
 class TorchFileError(ValueError):
@@ -310,10 +311,18 @@ def load_torch_file(path: str | Path) -> Any:
         raise FileNotFoundError(f"weights file not found: {path}")
     with open(path, "rb") as f:
         head = f.read(4)
-    if head.startswith(b"PK\x03\x04"):
-        return _load_zip(path)
-    if head[:1] == b"\x80":
-        return _load_legacy(path)
+    loader = _load_zip if head.startswith(b"PK\x03\x04") else _load_legacy if head[:1] == b"\x80" else None
+    if loader is not None:
+        try:
+            return loader(path)
+        except (UnsafePickleError, TorchFileError):
+            raise
+        except Exception as e:  # noqa: BLE001 - any parser failure on a damaged untrusted file gets one message
+            # a cut-off download or flipped bytes break the zip directory, a CRC, or the pickle stream (whose
+            # opcodes then fail with EOFError, KeyError/IndexError on the memo, TypeError, ...)
+            raise TorchFileError(
+                f"{path}: damaged or truncated torch.save file ({type(e).__name__}: {e}); "
+                f"it is {path.stat().st_size} bytes. Download or copy it again.") from e
     raise TorchFileError(f"{path}: neither a zip nor a legacy torch.save file (first bytes {head!r})")
 
 

@@ -488,6 +488,11 @@ def build_data(
             split = sources.name_func_split(data_cfg.path or None, str(data_cfg.label), valid_pct, split_seed,
                                             label_func, files)
         split, corrupt = _drop_corrupt(split, str(data_cfg.on_corrupt), cache_dir, num_parallel)
+        if corrupt and not split.train:
+            first = next(iter(corrupt.items()))
+            raise ValueError(f"none of the training images under {split.root} can be read: all {len(corrupt)} "
+                             f"unreadable file(s) were skipped (e.g. {first[0]}: {first[1]}); fix the files or "
+                             "point data.path at the right folder")
         classes, warns = sources.check_classes([y for _, y in split.train], [y for _, y in split.valid],
                                                split.root)
         for w in warns:

@@ -30,8 +30,12 @@ VALID_DIRS = ("valid", "val")
 
 def list_images(root: str | os.PathLike) -> list[Path]:
     """Image files under ``root`` (recursive, case-insensitive extension, hidden entries skipped), sorted."""
+    def unreadable(err: OSError) -> None:  # os.walk would silently skip the folder (and its images)
+        raise type(err)(f"cannot read the folder {err.filename} ({err.strerror}); fix its permissions (e.g. chmod "
+                        "-R a+rX) or move it out of the data folder") from err
+
     out = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=True):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for f in filenames:
             if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS:
