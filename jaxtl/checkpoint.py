@@ -77,10 +77,16 @@ class Checkpointer:
 
     def restore_state(self, target: PyTree | None, step: int | None = None, *, best: bool = False) -> PyTree:
         """The state of ``step`` (default latest) shaped like ``target`` (arrays or ``abstract(...)``; its
-        shardings are used). ``target=None`` returns the raw saved tree (nested dicts of arrays)."""
+        shardings are used). ``target=None`` returns the raw saved tree (nested dicts of arrays) with the saved
+        sharding, or on this process's first device when the saving devices do not exist here (a checkpoint of a
+        run with another process or device count)."""
         step = self._resolve(step, best)
-        tgt = None if target is None else abstract(target)
-        out = self._mgr(best).restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(tgt)))
+        if target is None:
+            local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            restore = ocp.args.StandardRestore(None, fallback_sharding=local)
+        else:
+            restore = ocp.args.StandardRestore(abstract(target))
+        out = self._mgr(best).restore(step, args=ocp.args.Composite(state=restore))
         return out["state"]
 
     def _resolve(self, step: int | None, best: bool) -> int:

@@ -39,9 +39,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxtl import groups, metrics, progress, schedules
+from jaxtl import groups, metrics, parallel, progress, schedules
 from jaxtl.checkpoint import Checkpointer
-from jaxtl.parallel import DataParallel
 from jaxtl.train import TrainState, make_eval_step, make_predict_step, make_train_step
 
 PyTree = Any
@@ -68,7 +67,7 @@ class Learner:
         self.data = data
         self.workdir = Path(workdir) if workdir is not None else None
         t = config.train
-        self.par = DataParallel(str(t.parallel))
+        self.par = parallel.DataParallel(str(t.parallel))
         self.is_main = jax.process_index() == 0
         self.global_batch = int(data.batch_size) * jax.process_count()
         self.par.check_batch_size(self.global_batch)
@@ -120,7 +119,7 @@ class Learner:
 
         validate(config)
         t = config.train
-        DataParallel(str(t.parallel)).check_batch_size(int(t.batch_size))
+        parallel.DataParallel(str(t.parallel)).check_batch_size(int(t.batch_size))
         n_proc = jax.process_count()
         data = build_data(config.data, int(t.batch_size) // n_proc, int(config.seed), jax.process_index(), n_proc)
         m = config.model
@@ -163,6 +162,14 @@ class Learner:
     def request_stop(self) -> None:
         """Ask the running fit to stop after the current step (checkpoint saved). Safe from a signal handler."""
         self._stop_requested = True
+
+    def _stop_agreed(self) -> bool:
+        """Whether to stop after this step. With several processes a signal may reach only some of them (or
+        reach them at different steps), so the request is OR-ed over processes each step and all stop together
+        (one tiny collective per step; none with one process)."""
+        if jax.process_count() > 1:
+            self._stop_requested = parallel.any_process(self._stop_requested)
+        return self._stop_requested
 
     # ------------------------------------------------------------------------------------------ recipes
     def fit_one_cycle(self, epochs: int, lr_max: LRSpec = None, div: float = 25.0, div_final: float = 1e5,
@@ -302,7 +309,7 @@ class Learner:
                         break
                     self.timings["step"] += time.perf_counter() - t_host  # waiting for the previous step's loss
                     pending = (out["loss"], phase_step, self.global_step)
-                    if self._stop_requested:
+                    if self._stop_agreed():
                         end_reason = "interrupted"
                         break
                     if max_steps and steps_run >= max_steps and step_in_epoch < spe:
@@ -314,7 +321,8 @@ class Learner:
                 bar.close()
             if end_reason == "diverged":
                 self.stopped_early = True
-                print(f"jaxtl: {self.stop_reason}", file=sys.stderr, flush=True)
+                if self.is_main:
+                    print(f"jaxtl: {self.stop_reason}", file=sys.stderr, flush=True)
                 return rows
             finished = step_in_epoch >= spe
             pos = (epoch + 1, 0) if finished else (epoch, step_in_epoch)
@@ -338,7 +346,8 @@ class Learner:
     def _interrupted(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         self.stopped_early, self.stop_reason = True, "interrupted"
         where = f"; checkpoint saved in {self.workdir}" if self._ckpt else " (no checkpoint: no work dir)"
-        print(f"jaxtl: stopped at step {self.global_step}{where}", file=sys.stderr, flush=True)
+        if self.is_main:
+            print(f"jaxtl: stopped at step {self.global_step}{where}", file=sys.stderr, flush=True)
         return rows
 
     def _consume(self, pending: tuple[Any, int, int], ctx: dict[str, Any], bar: progress.ProgressBar) -> bool:
@@ -486,18 +495,28 @@ class Learner:
             out.append(probs[: bs - pad])
         return np.concatenate(out)
 
-    def get_valid_preds(self) -> tuple[np.ndarray, np.ndarray]:
-        """(probs (N, C), labels (N,)) over this process's validation images, in ``data.valid_items`` order."""
+    def get_valid_preds(self, gather: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(probs (N, C), labels (N,)): this process's validation images in ``data.valid_items`` order, or with
+        ``gather=True`` the whole validation set on every process, in the global order (process ``p`` of ``n``
+        holds global items ``p, p+n, ...``; a collective, so every process must call it). With one process both
+        are the whole set."""
         variables = {"params": self.state.params, "batch_stats": self.state.batch_stats}
-        probs, labels = [], []
-        for b in self.data.valid_batches():
-            p = self.par.local_outputs(self._predict(variables, self.par.put_batch({"x": b["image"]})["x"]))
-            keep = np.asarray(b["mask"], bool)
-            probs.append(p[keep])
-            labels.append(np.asarray(b["label"])[keep])
+        probs, labels, masks = [], [], []
+        for b in self.data.valid_batches():  # padded to the same number of batches on every process
+            probs.append(self.par.local_outputs(self._predict(variables, self.par.put_batch({"x": b["image"]})["x"])))
+            labels.append(np.asarray(b["label"], np.int64))
+            masks.append(np.asarray(b["mask"], bool))
         if not probs:
             return np.zeros((0, self.num_classes), np.float32), np.zeros((0,), np.int64)
-        return np.concatenate(probs), np.concatenate(labels)
+        p, y, m = np.concatenate(probs), np.concatenate(labels), np.concatenate(masks)
+        if not gather or jax.process_count() == 1:
+            return p[m], y[m]
+        # (processes, rows) -> rows-major interleave: global item j = row * n + process; padding only at the end
+        # of each process's rows, so the kept entries come out in global order
+        m_all = parallel.allgather(m).T.reshape(-1)
+        p_all = parallel.allgather(p).transpose(1, 0, 2).reshape(-1, p.shape[-1])
+        y_all = parallel.allgather(y).T.reshape(-1)
+        return p_all[m_all], y_all[m_all]
 
     # ------------------------------------------------------------------------------------------ lr_find
     def lr_find(self, start_lr: float = 1e-7, end_lr: float = 10.0, num_it: int = 100, stop_div: bool = True,
@@ -539,7 +558,7 @@ class Learner:
                         if math.isfinite(smooth.value) and smooth.value < best:
                             best = smooth.value
                         diverged = not math.isfinite(smooth.value) or smooth.value > 4 * best
-                        if (stop_div and diverged) or it >= n_it or self._stop_requested:
+                        if (stop_div and diverged) or it >= n_it or self._stop_agreed():
                             break
                     else:
                         continue
@@ -586,19 +605,24 @@ class Learner:
         if self.workdir is None:
             raise ValueError("write_report needs a work dir")
         out: dict[str, Path] = {}
-        probs, labels = self.get_valid_preds()
+        n_proc = jax.process_count()
+        probs, labels = self.get_valid_preds(gather=True)  # every process takes part in the collectives
+        interp = worst = images = None
+        if len(labels):
+            # one process: the real (path, label) items; several: each holds only its share, so global indices
+            items = (list(self.data.valid_items)[: len(labels)] if n_proc == 1
+                     else [(f"valid[{j}]", int(y)) for j, y in enumerate(labels)])
+            interp = interpret.Interpretation.from_probs(probs, labels, self.classes, items)
+            worst = sorted(int(i) for i in interpret.top_losses(interp.losses, top_k))
+            images = self._gather_valid_images(worst)
         if not self.is_main:
             return out
         if self.history:
             out["loss_curves"] = interpret.plot_loss_curves(self.history, self.workdir / "loss_curves.png",
                                                             self.step_losses)
-        if len(labels):
-            items = list(self.data.valid_items)[: len(labels)]
-            interp = interpret.Interpretation.from_probs(probs, labels, self.classes, items)
+        if interp is not None:
             out["confusion_matrix"] = interp.plot_confusion_matrix(self.workdir / "confusion_matrix.png")
-            worst = {int(i) for i in interpret.top_losses(interp.losses, top_k)}
-            images = dict(self._valid_images(worst))
-            by_item = {items[i][0]: self.data.denormalize(images[i]) for i in worst}
+            by_item = {interp.items[i][0]: self.data.denormalize(images[i]) for i in worst}
             out["top_losses"] = interp.plot_top_losses(self.workdir / "top_losses.png",
                                                        lambda item: by_item[item], k=top_k)
         arch = getattr(self.model, "arch", self.config.model.arch)
@@ -607,6 +631,18 @@ class Learner:
                                           classes=self.classes, size=int(self.data.size), mean=self.data.mean,
                                           std=self.data.std)
         return out
+
+    def _gather_valid_images(self, indices: Sequence[int]) -> dict[int, np.ndarray]:
+        """Normalised validation images by global index (see ``get_valid_preds(gather=True)``); with several
+        processes each contributes the ones it holds (a collective)."""
+        n, me = jax.process_count(), jax.process_index()
+        if n == 1 or not indices:
+            return dict(self._valid_images(set(indices)))
+        local = dict(self._valid_images({j // n for j in indices if j % n == me}))
+        s = int(self.data.size)
+        mine = np.stack([local[j // n] if j % n == me else np.zeros((s, s, 3), np.float32) for j in indices])
+        every = parallel.allgather(mine.astype(np.float32))  # (processes, k, S, S, 3)
+        return {j: every[j % n, k] for k, j in enumerate(indices)}
 
     def _valid_images(self, indices: set[int]) -> Iterator[tuple[int, np.ndarray]]:
         pos = 0

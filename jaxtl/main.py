@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -45,7 +46,7 @@ def prepare_workdir(workdir: Path, resume: bool, need_bytes: int = MIN_FREE_BYTE
     """Create and probe the work dir now, so a read-only or full disk fails before training, not after epoch 1."""
     try:
         workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / ".write_probe"
+        probe = workdir / f".write_probe.{os.getpid()}"  # unique: several processes may share the dir
         probe.write_bytes(b"0" * 4096)
         probe.unlink()
     except OSError as e:
@@ -121,16 +122,27 @@ def main(argv: list[str]) -> int:
     from jaxtl import parallel
     from jaxtl import train as jtrain
 
-    if config.train.distributed:  # before any other JAX call
+    # multi-process: asked for by train.distributed or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES; before any
+    # other JAX call. Every process runs this same program; only process 0 writes the work dir's files
+    # (checkpoints are written by all, coordinated by orbax), so --workdir must be on a shared file system.
+    if parallel.distributed_requested(config.train.distributed):
         parallel.initialize_distributed()
     jtrain.enable_compilation_cache(config.train.compile_cache_dir)
+    import jax
+
+    is_main = jax.process_index() == 0
 
     workdir = Path(_WORKDIR.value) if _WORKDIR.value else default_workdir(flags.FLAGS["config"].config_filename)
     prepare_workdir(workdir, _RESUME.value)
-    setup_logging(workdir)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-    log.info("config: %s", json.dumps(config.to_dict(), default=str))
-    print(f"jaxtl: work dir {workdir}", flush=True)
+    if is_main:
+        setup_logging(workdir)
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        log.info("config: %s", json.dumps(config.to_dict(), default=str))
+        if jax.process_count() > 1:
+            log.info("%d processes, %d devices", jax.process_count(), jax.device_count())
+        print(f"jaxtl: work dir {workdir}", flush=True)
+    else:
+        absl_logging.set_verbosity(absl_logging.WARNING)  # as setup_logging: no orbax INFO lines on the console
 
     try:
         learn = jlearner.Learner.from_config(config, workdir=workdir)
@@ -160,8 +172,9 @@ def main(argv: list[str]) -> int:
         print(f"jaxtl: stopped: {learn.stop_reason}\nThe last good checkpoint is kept in {workdir / 'checkpoints'}.",
               file=sys.stderr, flush=True)
         return 1
-    learn.write_report()
-    print(f"jaxtl: done in {time.time() - t0:.0f}s; {result}; outputs in {workdir}", flush=True)
+    learn.write_report()  # every process (gathers the validation predictions); process 0 writes
+    if is_main:
+        print(f"jaxtl: done in {time.time() - t0:.0f}s; {result}; outputs in {workdir}", flush=True)
     return 0
 
 

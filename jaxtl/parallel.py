@@ -15,6 +15,7 @@ step, and BatchNorm syncs its moments through the model's ``axis_name="batch"``.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -149,7 +150,69 @@ class DataParallel:
         return np.concatenate([np.asarray(s.data) for s in shards], axis=0)
 
 
-def initialize_distributed() -> None:
-    """``jax.distributed.initialize()`` for multi-host runs (coordinator, process count and id from the
-    environment / cluster auto-detection). Call before any other JAX call."""
-    jax.distributed.initialize()
+# ---- multi-process --------------------------------------------------------------------------------------
+# jaxtl reads the process count and id from these (JAX itself reads only JAX_COORDINATOR_ADDRESS and
+# JAX_LOCAL_DEVICE_IDS); on SLURM, Open MPI and Cloud TPU pods JAX detects all of them when they are unset.
+ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
+ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
+ENV_PROCESS_ID = "JAX_PROCESS_ID"
+
+
+def distributed_requested(flag: bool = False, environ: Mapping[str, str] | None = None) -> bool:
+    """Whether a run should call :func:`initialize_distributed`: ``config.train.distributed`` is True, or the
+    environment names a coordinator or a process count (``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES``).
+    Cluster schedulers are not guessed from (a single ``python`` inside a SLURM allocation stays one process):
+    on SLURM / a TPU pod set ``train.distributed=True`` and JAX auto-detects the rest."""
+    env = os.environ if environ is None else environ
+    return bool(flag) or bool(env.get(ENV_COORDINATOR)) or bool(env.get(ENV_NUM_PROCESSES))
+
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None, environ: Mapping[str, str] | None = None) -> None:
+    """``jax.distributed.initialize`` for a multi-process run. Call before any other JAX call.
+
+    Arguments left None come from ``JAX_COORDINATOR_ADDRESS`` (``host:port`` of process 0), ``JAX_NUM_PROCESSES``
+    and ``JAX_PROCESS_ID``; whatever is still unset JAX auto-detects (SLURM, Open MPI, Cloud TPU). Cross-process
+    collectives on the CPU backend use gloo (``JAX_CPU_COLLECTIVES_IMPLEMENTATION`` overrides it). A second call
+    is a no-op.
+    """
+    if jax.distributed.is_initialized():
+        return
+    env = os.environ if environ is None else environ
+
+    def env_int(name: str) -> int | None:
+        v = env.get(name, "").strip()
+        if not v:
+            return None
+        try:
+            return int(v)
+        except ValueError:
+            raise ValueError(f"environment variable {name}={v!r} must be an integer") from None
+
+    coordinator_address = coordinator_address or env.get(ENV_COORDINATOR) or None
+    num_processes = num_processes if num_processes is not None else env_int(ENV_NUM_PROCESSES)
+    process_id = process_id if process_id is not None else env_int(ENV_PROCESS_ID)
+    if not env.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION"):
+        # without cross-process collectives a CPU computation spanning processes fails; no effect on GPU/TPU
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id)
+
+
+def allgather(x: np.ndarray) -> np.ndarray:
+    """Every process's ``x`` (same shape and dtype on all) stacked along a new leading process axis, on every
+    process; ``x[None]`` with one process. A collective: all processes must call it."""
+    x = np.asarray(x)
+    if jax.process_count() == 1:
+        return x[None]
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=False))
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process when ``flag`` is True on any (e.g. a stop request that reached one process only).
+    A collective when there are several processes."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    return bool(allgather(np.asarray(bool(flag), np.int32)).any())
