@@ -226,7 +226,8 @@ class Learner:
                                keep_state_structure=not bool(t.reset_opt_on_freeze))
 
     def _fresh_opt_state(self, tx: Any) -> PyTree:
-        return self.par.put_state(tx.init(self.variables["params"]))
+        # One jitted program (cached on disk) instead of one eager dispatch per leaf: faster warm starts.
+        return self.par.put_state(jax.jit(tx.init)(self.variables["params"]))
 
     def _prepare_opt_state(self, tx: Any) -> None:
         """fastai keeps the optimiser state across fit calls and clears it when the frozen set changes."""
@@ -254,7 +255,7 @@ class Learner:
             return []
         lr_sched, mom_sched = schedules.one_cycle(total, list(lrs), div, div_final, pct_start, moms)
         tx = self._optimizer(schedules.split_schedule(lr_sched, groups.N_GROUPS), mom_sched)
-        head_lrs = np.asarray(jax.vmap(lr_sched)(jnp.arange(total)))[:, -1]
+        head_lrs = np.asarray(jax.jit(jax.vmap(lr_sched))(jnp.arange(total)))[:, -1]
         start_epoch = start_step = 0
         if meta is not None:
             if meta["phase"] != phase:
