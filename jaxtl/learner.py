@@ -335,6 +335,18 @@ class Learner:
             row = self._epoch_row(ctx["phase"], time.time() - t0)
             rows.append(row)
             table.write(row)
+            if int(getattr(self.data, "num_valid", 0)) > 0 and not math.isfinite(row["valid_loss"]):
+                # the epoch's last updates diverged: do not save a checkpoint that would pose as the last good one
+                last = self._ckpt.latest_step() if self._ckpt else None
+                keep = (f"the last good checkpoint (step {last}) is kept in {self.workdir / 'checkpoints'}"
+                        if last is not None else "no checkpoint was saved")
+                self.stop_reason = (f"validation loss is {row['valid_loss']} at step {self.global_step} (end of an "
+                                    f"epoch, phase {ctx['phase']}); training stopped, {keep}. Lower the learning rate "
+                                    "(train.lr / lr_max).")
+                self.stopped_early = True
+                if self.is_main:
+                    print(f"jaxtl: {self.stop_reason}", file=sys.stderr, flush=True)
+                return rows
             if finished:
                 self._save(ctx, pos, row=row)
             if end_reason == "interrupted":  # on an epoch's last batch: the epoch was completed normally

@@ -548,7 +548,7 @@ CASES: list[Case] = [
          note="checkpoint 3 kept, finite, resumes to the end"),
     Case("nan-validation-at-epoch-end", "lr_max=1e30 from step 2, one step per epoch", "cli",
          cli_with(nan_after_last_step_of_epoch), 1, "at step", check=kept_checkpoint_is_good(1), slow=True,
-         xfail=NAN_CHECKPOINT_FIX, note="the kept checkpoint has a finite valid_loss"),
+         note="the kept checkpoint has a finite valid_loss"),
 ]
 
 
