@@ -36,10 +36,11 @@ log = logging.getLogger("jaxtl")
 MIN_FREE_BYTES = 256 * 2**20
 
 
-def default_workdir(config_arg: str) -> Path:
+def default_workdir(config_arg: str, when: time.struct_time | None = None) -> Path:
     stem = Path(config_arg.split(":")[0]).stem
     variant = config_arg.split(":")[1] if ":" in config_arg else ""
-    return Path("runs") / (stem + (f"-{variant}" if variant else "")) / time.strftime("%Y%m%d-%H%M%S")
+    stamp = time.strftime("%Y%m%d-%H%M%S", when or time.localtime())
+    return Path("runs") / (stem + (f"-{variant}" if variant else "")) / stamp
 
 
 def prepare_workdir(workdir: Path, resume: bool, need_bytes: int = MIN_FREE_BYTES) -> None:
@@ -129,10 +130,17 @@ def main(argv: list[str]) -> int:
         parallel.initialize_distributed()
     jtrain.enable_compilation_cache(config.train.compile_cache_dir)
     import jax
+    import numpy as np
 
     is_main = jax.process_index() == 0
 
-    workdir = Path(_WORKDIR.value) if _WORKDIR.value else default_workdir(flags.FLAGS["config"].config_filename)
+    when = time.localtime()
+    if jax.process_count() > 1 and not _WORKDIR.value:  # every process must name the same dir: process 0's clock
+        from jax.experimental import multihost_utils
+
+        stamp = multihost_utils.broadcast_one_to_all(np.array(when[:6] + (0, 1, -1), np.int32))
+        when = time.struct_time(tuple(int(v) for v in stamp))
+    workdir = Path(_WORKDIR.value) if _WORKDIR.value else default_workdir(flags.FLAGS["config"].config_filename, when)
     prepare_workdir(workdir, _RESUME.value)
     if is_main:
         setup_logging(workdir)

@@ -6,11 +6,12 @@ Three launches (tests/distributed/worker.py), every one under a timeout so a han
 
 1. reference: 1 process with 2 CPU devices trains the 2-process run's global batches (build_data's process shards
    0 and 1, concatenated), checkpointing in ``ref/``;
-2. two processes x 1 CPU device run the CLI in ``run/`` (coordinator, process count and id from
-   JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID), recording the batches each consumed and the
-   files each wrote, then restore the reference's checkpoint on their 2-process mesh;
-3. 1 process with 2 devices loads the 2-process run's final weights and resumes a copy of ``run/`` stepped back
-   to its first checkpoint, finishing it.
+2. two processes x 1 CPU device run the CLI with its default work dir (coordinator, process count and id from
+   JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID; process 1's clock an hour ahead), recording the
+   batches each consumed and the files each wrote, then restore the reference's checkpoint on their 2-process
+   mesh, then run the recipe again with a stop requested on process 1 only;
+3. 1 process with 2 devices loads the 2-process run's final weights and resumes a copy of its work dir stepped
+   back to its first checkpoint, finishing it.
 """
 
 from __future__ import annotations
@@ -36,9 +37,6 @@ TIMEOUT_S = 420  # per launch; the whole module takes ~2-4 minutes on 2 CPU core
 LOSS_RTOL = 1e-5  # per-step losses, 2 processes vs 1 process over the same global batch (float32)
 PARAM_ATOL = 1e-5  # parameters / BatchNorm statistics after 6 Adam steps at lr <= 1e-3
 
-pytestmark = pytest.mark.slow
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -54,13 +52,14 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _launch(jobs: list[tuple[list[str], dict[str, str], Path]], timeout: float = TIMEOUT_S) -> list[str]:
+def _launch(jobs: list[tuple[list[str], dict[str, str], Path]], timeout: float = TIMEOUT_S,
+            cwd: Path = ROOT) -> list[str]:
     """Start every job at once; wait for all under one deadline. A job that fails or a hang kills the others and
     fails the test with the logs' tails. Returns each job's output."""
     procs = []
     for args, env, log in jobs:
         f = open(log, "w")  # noqa: SIM115 - closed below
-        procs.append((subprocess.Popen([sys.executable, str(WORKER), *args], env=env, cwd=ROOT, stdout=f,
+        procs.append((subprocess.Popen([sys.executable, str(WORKER), *args], env=env, cwd=cwd, stdout=f,
                                        stderr=subprocess.STDOUT), f, log))
     deadline = time.monotonic() + timeout
     failed = None
@@ -125,24 +124,29 @@ def runs(tmp_path_factory):
 
     # 2. two processes x 1 device: the CLI, then restore the reference's checkpoint on their mesh
     coord = f"127.0.0.1:{_free_port()}"
-    logs = _launch([(["cli", data, str(tmp / "run"), str(tmp / f"run_out{i}"), cache, str(tmp / "ref")],
+    (tmp / "cwd").mkdir()
+    logs = _launch([(["cli", data, str(tmp / f"run_out{i}"), cache, str(tmp / "ref")],
                      _env(JAX_COORDINATOR_ADDRESS=coord, JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)),
-                     tmp / f"run{i}.log") for i in range(2)])
+                     tmp / f"run{i}.log") for i in range(2)], cwd=tmp / "cwd")
     t2 = time.monotonic()
+    proc = [_load(tmp / f"run_out{i}") for i in range(2)]
+    run = Path(proc[0][0]["workdir"])  # the CLI's default work dir, runs/config/<date-time> under its cwd
 
     # 3. 1 process, 2 devices: load the 2-process run's weights; resume a copy stepped back to its first checkpoint
-    shutil.copytree(tmp / "run", tmp / "resumed")
+    shutil.copytree(run, tmp / "resumed")
     steps = sorted(int(p.name) for p in (tmp / "resumed" / "checkpoints").iterdir() if p.name.isdigit())
     for s in steps[1:]:
         shutil.rmtree(tmp / "resumed" / "checkpoints" / str(s))
-    _launch([(["resume", data, str(tmp / "resumed"), str(tmp / "resumed_out"), cache, str(tmp / "run")],
+    _launch([(["resume", data, str(tmp / "resumed"), str(tmp / "resumed_out"), cache, str(run)],
               two_devices, tmp / "resumed.log")])
     t3 = time.monotonic()
     print(f"\ntest_distributed launches: reference {t1 - t0:.0f}s, 2 processes {t2 - t1:.0f}s, resume {t3 - t2:.0f}s")
-    return {"tmp": tmp, "ref": _load(tmp / "ref_out"), "proc": [_load(tmp / f"run_out{i}") for i in range(2)],
+    return {"tmp": tmp, "run": run, "ref": _load(tmp / "ref_out"), "proc": proc,
+            "stop": [json.loads((tmp / f"run_out{i}_stop.json").read_text()) for i in range(2)],
             "resumed": _load(tmp / "resumed_out"), "logs": logs, "checkpoint_steps": steps}
 
 
+@pytest.mark.slow
 def test_both_processes_end_with_identical_parameters(runs):
     (i0, a0), (i1, a1) = runs["proc"]
     assert [i0["process_index"], i1["process_index"]] == [0, 1]
@@ -156,6 +160,7 @@ def test_both_processes_end_with_identical_parameters(runs):
     assert untimed[0] == untimed[1] and len(untimed[0]) == EPOCHS
 
 
+@pytest.mark.slow
 def test_processes_read_disjoint_shards_that_cover_the_training_set(runs):
     """Labels are image ids here (one class per training image)."""
     ref_info, _ = runs["ref"]
@@ -181,6 +186,7 @@ def test_processes_read_disjoint_shards_that_cover_the_training_set(runs):
         assert b["checksum"] == pytest.approx(mine["checksum"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_losses_and_parameters_equal_a_single_process_run_over_the_same_global_batch(runs):
     """2 processes x 1 device vs 1 process x 2 devices on the same global batches: per-step losses within
     LOSS_RTOL relative, final parameters and BatchNorm statistics within PARAM_ATOL (observed: bitwise equal)."""
@@ -193,6 +199,7 @@ def test_losses_and_parameters_equal_a_single_process_run_over_the_same_global_b
     assert _max_diff(_variables(arrays), _variables(ref_arrays, "init/")) > 1e-3
 
 
+@pytest.mark.slow
 def test_validation_counts_every_image_once_over_processes(runs):
     """7 validation images over 2 processes (4 + 3, process 1 padded): the epoch metrics equal the reference's
     (every image counted once, padding nowhere), and the gathered predictions come back in the global order."""
@@ -212,9 +219,12 @@ def test_validation_counts_every_image_once_over_processes(runs):
     assert ce == pytest.approx(info["history"][-1]["valid_loss"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_only_process_0_writes_the_run_files(runs):
-    tmp = runs["tmp"]
     (i0, a0), (i1, _) = runs["proc"]
+    # the default work dir: the same on both processes although process 1's clock reads an hour ahead
+    assert i0["workdir"] == i1["workdir"] and Path(i0["workdir"]).parent == runs["tmp"] / "cwd" / "runs" / "config"
+    assert i0["written_outside"] == i1["written_outside"] == []
     allowed = ("checkpoints/", "best/")  # orbax: every process writes its part of a checkpoint
     others = [p for p in i1["written"] if p != "." and not p.startswith(".write_probe.") and not p.startswith(allowed)]
     assert others == [], others
@@ -224,7 +234,7 @@ def test_only_process_0_writes_the_run_files(runs):
                  "top_losses.png"):
         assert name in w0, name
     assert any(p.startswith("tb/events") for p in w0) and any(p.startswith(".model.safetensors") for p in w0)
-    run = tmp / "run"
+    run = runs["run"]
     with open(run / "history.csv") as f:
         assert len(list(csv.DictReader(f))) == EPOCHS
     from safetensors.numpy import load_file
@@ -236,6 +246,7 @@ def test_only_process_0_writes_the_run_files(runs):
     assert "train_loss" not in out1 and "jaxtl: work dir" not in out1 and "jaxtl: done" not in out1
 
 
+@pytest.mark.slow
 def test_checkpoints_move_between_1_and_2_processes(runs):
     """1 -> 2: the reference's checkpoint (1 process, 2 devices) restores on the 2-process mesh bitwise, replicated
     over both processes' devices. 2 -> 1: the 2-process run's checkpoints load in 1 process bitwise, and resuming
@@ -254,3 +265,32 @@ def test_checkpoints_move_between_1_and_2_processes(runs):
     np.testing.assert_allclose(info["losses"], ref_info["losses"], rtol=LOSS_RTOL)
     assert len(info["history"]) == EPOCHS
     assert _max_diff(_variables(arrays), ref_vars) <= PARAM_ATOL
+
+
+@pytest.mark.slow
+def test_a_stop_requested_on_one_process_stops_all_after_the_same_step(runs):
+    """After the CLI run, each process ran the recipe again with only process 1 requesting a stop at its first
+    batch: both stopped after that one step, as interrupted, with the step checkpointed (a disagreement would
+    leave one process waiting in a collective: the launch's timeout)."""
+    for stop in runs["stop"]:
+        assert stop == {"stopped_early": True, "stop_reason": "interrupted", "steps": 1,
+                        "checkpoint": EPOCHS * STEPS_PER_EPOCH + 1}
+
+
+def test_distributed_is_requested_by_the_flag_or_the_environment_only():
+    """A plain run (or a single python inside a SLURM allocation) stays one process."""
+    from jaxtl.parallel import distributed_requested
+
+    assert not distributed_requested(False, {})
+    assert not distributed_requested(False, {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4", "SLURM_PROCID": "0"})
+    assert distributed_requested(True, {})
+    assert distributed_requested(False, {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
+    assert distributed_requested(False, {"JAX_NUM_PROCESSES": "2"})
+
+
+def test_initialize_distributed_names_a_bad_environment_variable():
+    from jaxtl.parallel import initialize_distributed
+
+    env = {"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "first"}
+    with pytest.raises(ValueError, match="JAX_PROCESS_ID='first' must be an integer"):
+        initialize_distributed(environ=env)

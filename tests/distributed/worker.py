@@ -3,10 +3,11 @@
     worker.py reference DATA WORKDIR OUT CACHE   1 process (2 CPU devices): the same global batches as the 2-process
                                                  run (process shards 0 and 1 of build_data, concatenated), trained
                                                  by the Learner; checkpoints in WORKDIR
-    worker.py cli DATA WORKDIR OUT CACHE REF     one of N processes of ``python -m jaxtl.main`` (jax.distributed from
-                                                 JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID),
-                                                 recording the batches it consumed and the files it wrote; then
-                                                 restores the reference run's checkpoint (REF) on the N processes
+    worker.py cli DATA OUT CACHE REF             one of N processes of ``python -m jaxtl.main`` (jax.distributed from
+                                                 JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID) with
+                                                 its default work dir under the cwd, recording the batches it
+                                                 consumed and the files it wrote; then restores the reference run's
+                                                 checkpoint (REF) on the N processes, and runs a stop test
     worker.py resume DATA WORKDIR OUT CACHE RUN  1 process (2 CPU devices): loads RUN's (the 2-process run's) final
                                                  weights, then resumes WORKDIR, a copy of RUN stepped back to its
                                                  first checkpoint, and finishes it on the same global batches
@@ -72,10 +73,15 @@ def host_variables(learn) -> dict[str, np.ndarray]:
     return flat({"params": v["params"], "batch_stats": v["batch_stats"]})
 
 
+STEP_HOOKS: list = []  # called with (epoch, step) before a recorded batch is handed to the Learner
+
+
 def record_batches(batches, log: list, epoch: int, start_step: int):
     for i, b in enumerate(batches, start=start_step):
         log.append({"epoch": epoch, "step": i, "labels": [int(y) for y in b["label"]],
                     "checksum": float(np.asarray(b["image"], np.float64).sum())})
+        for hook in STEP_HOOKS:
+            hook(epoch, i)
         yield b
 
 
@@ -132,24 +138,34 @@ def reference(data: str, workdir: str, out: str, cache: str) -> None:
     learn.close()
 
 
-def cli(data: str, workdir: str, out: str, cache: str, ref_workdir: str) -> None:
-    """``jaxtl.main`` as the user runs it, plus recording hooks."""
-    wd = Path(workdir).resolve()
+def cli(data: str, out: str, cache: str, ref_workdir: str) -> None:
+    """``jaxtl.main`` as the user runs it (default work dir under the current one), plus recording hooks. Process
+    1's clock reads an hour ahead (another time zone): the default work dir must still be process 0's."""
+    import time
+
+    if os.environ.get("JAX_PROCESS_ID") == "1":
+        real_localtime = time.localtime
+        time.localtime = lambda secs=None: real_localtime((time.time() if secs is None else secs) + 3600)
+    base = Path.cwd().resolve()
     written: list[str] = []
 
-    def audit(event: str, args: tuple) -> None:  # files this process creates or changes in the work dir
+    def audit(event: str, args: tuple) -> None:  # files this process creates or changes under the cwd
         if event == "open":
             path, mode, flags = args
             writing = (mode is not None and any(c in str(mode) for c in "wax+")) or \
                 (mode is None and isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
         elif event in ("os.rename", "os.remove", "os.mkdir"):
+            # relative to a directory fd (shutil.rmtree: orbax deleting an old checkpoint) is not under the cwd
+            dir_fds = {"os.rename": args[2:4], "os.remove": args[1:2], "os.mkdir": args[2:3]}[event]
+            if any(fd not in (None, -1) for fd in dir_fds):
+                return
             path, writing = args[0], True
         else:
             return
         if writing and isinstance(path, str | os.PathLike):
             p = Path(os.fsdecode(path)).resolve()
-            if p == wd or wd in p.parents:
-                written.append(str(p.relative_to(wd)))
+            if p == base or base in p.parents:
+                written.append(str(p))
 
     sys.addaudithook(audit)
     import jax
@@ -172,7 +188,7 @@ def cli(data: str, workdir: str, out: str, cache: str, ref_workdir: str) -> None
 
     jlearner.run_recipe = capture
     sys.argv = ["jaxtl.main", f"--config={CONFIG}", f"--config.data.path={data}",
-                f"--config.train.compile_cache_dir={cache}", f"--workdir={workdir}"]
+                f"--config.train.compile_cache_dir={cache}"]
     try:
         jmain.run()
         code = 0
@@ -180,6 +196,10 @@ def cli(data: str, workdir: str, out: str, cache: str, ref_workdir: str) -> None
         code = e.code
     assert code in (0, None), f"jaxtl.main exited with {code!r}"
     learn = captured["learn"]
+    wd = learn.workdir.resolve()
+    paths = [Path(p) for p in written]
+    outside = sorted({str(p) for p in paths if p != wd and wd not in p.parents and p not in wd.parents})
+    in_wd = sorted({str(p.relative_to(wd)) for p in paths if p == wd or wd in p.parents})
     probs, labels = learn.get_valid_preds(gather=True)  # a collective: every process calls it
     # the reference run's checkpoint (1 process, 2 devices) restored onto this run's N-process mesh
     target = learn.par.get_state(learn.state)
@@ -189,7 +209,8 @@ def cli(data: str, workdir: str, out: str, cache: str, ref_workdir: str) -> None
     leaf = jax.tree.leaves(restored.params)[0]
     info = run_info(learn) | {
         "process_index": jax.process_index(), "process_count": jax.process_count(),
-        "device_count": jax.device_count(), "batches": log, "written": sorted(set(written)),
+        "device_count": jax.device_count(), "batches": log, "written": in_wd,
+        "written_outside": outside, "workdir": str(wd),
         "valid_labels": labels.tolist(), "restored_devices": len(leaf.sharding.device_set),
         "restored_fully_replicated": bool(leaf.is_fully_replicated), "restored_step": int(np.asarray(
             restored.step.addressable_data(0))),
@@ -198,6 +219,19 @@ def cli(data: str, workdir: str, out: str, cache: str, ref_workdir: str) -> None
     arrays = host_variables(learn) | {"valid_probs": probs}
     arrays |= {f"restored/{k}": v for k, v in flat({"params": r.params, "batch_stats": r.batch_stats}).items()}
     write(out, info, arrays)
+
+    # a stop requested on process 1 only (as when a signal reaches one host): the recipe run again from here, into
+    # another checkpoint dir; both processes must stop after the same step and checkpoint it (without agreement
+    # process 0 would start the next step alone and the pair would hang)
+    learn._ckpt.close()
+    learn._ckpt, learn._logger = Checkpointer(str(wd) + "_stop"), None
+    first = learn.global_step
+    if jax.process_index() == 1:
+        STEP_HOOKS.append(lambda epoch, step: learn.request_stop() if step == 0 else None)
+    jlearner.run_recipe(learn, learn.config)
+    stop = {"stopped_early": learn.stopped_early, "stop_reason": learn.stop_reason,
+            "steps": learn.global_step - first, "checkpoint": learn._ckpt.latest_step()}
+    Path(out + "_stop.json").write_text(json.dumps(stop))
     learn.close()
 
 
