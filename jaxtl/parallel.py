@@ -50,6 +50,9 @@ class DataParallel:
             self.local_devices = [d for d in self.mesh.devices.flat if d.process_index == jax.process_index()]
         else:
             self.local_devices = list(jax.local_devices()) if devices is None else list(devices)
+            # pmap's ``devices`` must be the same list on every process; None maps over every device of every
+            # process (each process feeding its local ones), so pmean/psum reduce across processes too
+            self._pmap_devices = None if devices is None else list(devices)
             self.mesh = make_mesh(self.local_devices)
             self._stacked = NamedSharding(self.mesh, P(AXIS))
 
@@ -126,20 +129,20 @@ class DataParallel:
         if self.mode == "jit":
             return jax.jit(fn, in_shardings=(self.replicated, self.batch_sharding),
                            out_shardings=(self.replicated, self.replicated), donate_argnums=(0,))
-        return jax.pmap(fn, axis_name=AXIS, devices=self.local_devices, donate_argnums=(0,))
+        return jax.pmap(fn, axis_name=AXIS, devices=self._pmap_devices, donate_argnums=(0,))
 
     def eval_step(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         """Compile ``fn(variables, batch) -> sums`` (replicated outputs)."""
         if self.mode == "jit":
             return jax.jit(fn, in_shardings=(self.replicated, self.batch_sharding), out_shardings=self.replicated)
-        return jax.pmap(fn, axis_name=AXIS, devices=self.local_devices)
+        return jax.pmap(fn, axis_name=AXIS, devices=self._pmap_devices)
 
     def predict_step(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         """Compile ``fn(variables, images) -> per-example outputs`` (outputs sharded like the batch)."""
         if self.mode == "jit":
             return jax.jit(fn, in_shardings=(self.replicated, self.batch_sharding),
                            out_shardings=self.batch_sharding)
-        return jax.pmap(fn, axis_name=AXIS, devices=self.local_devices)
+        return jax.pmap(fn, axis_name=AXIS, devices=self._pmap_devices)
 
     def local_outputs(self, x: jax.Array) -> np.ndarray:
         """This process's rows of a batch-sharded output, in order, as numpy."""

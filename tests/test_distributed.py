@@ -143,6 +143,7 @@ def runs(tmp_path_factory):
     print(f"\ntest_distributed launches: reference {t1 - t0:.0f}s, 2 processes {t2 - t1:.0f}s, resume {t3 - t2:.0f}s")
     return {"tmp": tmp, "run": run, "ref": _load(tmp / "ref_out"), "proc": proc,
             "stop": [json.loads((tmp / f"run_out{i}_stop.json").read_text()) for i in range(2)],
+            "pmap": [json.loads((tmp / f"run_out{i}_pmap.json").read_text()) for i in range(2)],
             "resumed": _load(tmp / "resumed_out"), "logs": logs, "checkpoint_steps": steps}
 
 
@@ -275,6 +276,16 @@ def test_a_stop_requested_on_one_process_stops_all_after_the_same_step(runs):
     for stop in runs["stop"]:
         assert stop == {"stopped_early": True, "stop_reason": "interrupted", "steps": 1,
                         "checkpoint": EPOCHS * STEPS_PER_EPOCH + 1}
+
+
+@pytest.mark.slow
+def test_pmap_mode_reduces_over_both_processes(runs):
+    """train.parallel="pmap" maps over every device of every process: its evaluation psum counts all 7 validation
+    images (a pmap over local devices only would count 4 or 3) and agrees with the jit evaluation (1e-5)."""
+    for ev in runs["pmap"]:
+        assert ev["pmap"]["count"] == N_VALID
+        for k in ("valid_loss", "accuracy", "top_5_accuracy"):
+            assert ev["pmap"][k] == pytest.approx(ev["jit"][k], rel=1e-5), k
 
 
 def test_distributed_is_requested_by_the_flag_or_the_environment_only():

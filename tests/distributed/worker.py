@@ -232,6 +232,22 @@ def cli(data: str, out: str, cache: str, ref_workdir: str) -> None:
     stop = {"stopped_early": learn.stopped_early, "stop_reason": learn.stop_reason,
             "steps": learn.global_step - first, "checkpoint": learn._ckpt.latest_step()}
     Path(out + "_stop.json").write_text(json.dumps(stop))
+
+    # train.parallel="pmap" over the 2 processes: the eval step's psum must reduce across processes too
+    from jaxtl import metrics
+    from jaxtl.parallel import DataParallel
+    from jaxtl.train import make_eval_step
+
+    pm = DataParallel("pmap")
+    step = pm.eval_step(make_eval_step(learn.model, axis_name=pm.model_axis_name))
+    variables = pm.put_state(learn.par.to_host(learn.variables))
+    total = None
+    for b in learn.data.valid_batches():
+        sums = step(variables, pm.put_batch(b))
+        total = sums if total is None else jax.tree.map(lambda a, c: a + c, total, sums)
+    pmap_sums = {k: pm.scalar(v) for k, v in total.items()}
+    evals = {"pmap": metrics.summarize(pmap_sums) | {"count": pmap_sums["count"]}, "jit": learn.validate()}
+    Path(out + "_pmap.json").write_text(json.dumps(evals))
     learn.close()
 
 
