@@ -11,6 +11,11 @@ step, and BatchNorm syncs its moments through the model's ``axis_name="batch"``.
 
 ``DataParallel`` hides the difference from the Learner: ``put_state``, ``get_state``, ``put_batch``,
 ``train_step``, ``eval_step``, ``scalar``.
+
+Several processes (``jax.distributed``, :func:`initialize_distributed`): every process runs the same program on its
+own data shard; the mesh (jit) or the pmap spans the devices of all processes, so the steps' gradient and metric
+reductions are global and the replicated state stays bitwise identical on every process. Host-side agreement
+(stop requests, gathered predictions) goes through :func:`any_process` / :func:`allgather`.
 """
 
 from __future__ import annotations

@@ -126,7 +126,8 @@ def runs(tmp_path_factory):
     coord = f"127.0.0.1:{_free_port()}"
     (tmp / "cwd").mkdir()
     logs = _launch([(["cli", data, str(tmp / f"run_out{i}"), cache, str(tmp / "ref")],
-                     _env(JAX_COORDINATOR_ADDRESS=coord, JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)),
+                     _env(JAX_COORDINATOR_ADDRESS=coord, JAX_COORDINATOR_BIND_ADDRESS=coord,  # no IPv6 needed
+                          JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)),
                      tmp / f"run{i}.log") for i in range(2)], cwd=tmp / "cwd")
     t2 = time.monotonic()
     proc = [_load(tmp / f"run_out{i}") for i in range(2)]
