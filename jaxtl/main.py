@@ -177,6 +177,11 @@ def main(argv: list[str]) -> int:
             if config.train.recipe == "lr_find":
                 print("jaxtl: lr_find interrupted; nothing saved", flush=True)
                 return code
+            print(f"jaxtl: stopped by {signal.Signals(code - 128).name}; checkpoint saved in "
+                  f"{workdir / 'checkpoints'}. Resume with:\n"
+                  f"  python -m jaxtl.main --config {flags.FLAGS['config'].config_filename} --workdir {workdir} "
+                  "--resume", flush=True)
+            return code
         print(f"jaxtl: stopped: {learn.stop_reason}\nThe last good checkpoint is kept in {workdir / 'checkpoints'}.",
               file=sys.stderr, flush=True)
         return 1
