@@ -1,8 +1,11 @@
 """ResNet train-step images/s: jaxtl vs a PyTorch reference in the same process, alternating.
 
-    python scripts/bench_train.py --arch resnet34 --size 224 --batch 32 [--steps 5] [--warmup 2] [--json out.json]
-        [--phases unfrozen,frozen_bn,frozen_no_bn] [--precisions float32,bfloat16] [--no-torch]
-        [--layouts nchw,channels_last] [--xla-flags "..."] [--threads N] [--cpu-devices N]
+    python scripts/bench_train.py --arch resnet34 --size 224 --batch 32 [--steps 5] [--warmup 2] [--rounds 5]
+        [--json out.json] [--phases unfrozen,frozen_bn,frozen_no_bn] [--precisions float32,bfloat16] [--no-torch]
+        [--layouts nchw,channels_last] [--xla-flags "..."] [--variant NAME=XLA_FLAGS ...] [--threads N]
+        [--cpu-devices N]
+
+Results, the CPU configuration study and what limits the speed: docs/performance.md.
 
 For every (phase, precision) row:
 
@@ -20,7 +23,9 @@ For every (phase, precision) row:
 
 Timing: after ``--warmup`` untimed steps each, ``--steps`` timed steps per framework/layout are run in
 ``--rounds`` interleaved blocks (jaxtl block, torch NCHW block, torch channels_last block, repeat), so machine
-noise hits every contestant. img/s = batch * steps / (sum of that contestant's block times).
+noise hits every contestant. img/s = batch * steps / (sum of that contestant's block times). Each row also keeps
+every block's rate and the fastest block's (``*_best_block_img_s``, ``ratio_best_blocks``: closest to what a quiet
+machine gives) and the 1-minute load average at its start and end.
 
 Memory: the process's peak RSS (VmHWM, reset before each block through /proc/self/clear_refs; psutil sampling
 where that is not allowed) during each contestant's blocks, plus XLA's own accounting of the jaxtl step

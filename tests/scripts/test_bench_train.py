@@ -17,7 +17,7 @@ SCRIPT = ROOT / "scripts" / "bench_train.py"
 def _run(tmp_path: Path, *extra: str) -> tuple[dict, str]:
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(SCRIPT), "--arch", "resnet18", "--size", "32", "--batch", "2", "--steps", "2",
-           "--warmup", "1", "--rounds", "2", "--pause", "0", "--json", str(out), *extra]
+           "--warmup", "0", "--rounds", "2", "--pause", "0", "--json", str(out), *extra]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -48,9 +48,17 @@ def test_bench_train_json_and_table(tmp_path: Path) -> None:
     assert "ratio" in stdout and "frozen_no_bn" in stdout
 
 
-def test_bench_train_jaxtl_only(tmp_path: Path) -> None:
-    res, _ = _run(tmp_path, "--phases", "frozen_bn", "--precisions", "bfloat16", "--no-torch")
+def test_bench_train_jaxtl_only_variants(tmp_path: Path) -> None:
+    """--no-torch, one bfloat16 row, jaxtl in a worker process of its own under the --variant's XLA_FLAGS."""
+    flag = "--xla_cpu_multi_thread_eigen=false"
+    res, stdout = _run(tmp_path, "--phases", "frozen_no_bn", "--precisions", "bfloat16", "--no-torch",
+                       "--variant", f"single={flag}")
     (row,) = res["rows"]
-    assert row["phase"] == "frozen_bn" and row["precision"] == "bfloat16" and row["jaxtl_img_s"] > 0
+    assert row["phase"] == "frozen_no_bn" and row["precision"] == "bfloat16" and row["jaxtl_img_s"] > 0
     assert "torch_img_s" not in row
+    assert list(row["variants"]) == ["single"] and row["jaxtl_variant"] == "single"
+    assert row["variants"]["single"]["xla_flags"].endswith(flag) and row["jaxtl_xla_flags"].endswith(flag)
+    v = row["variants"]["single"]
+    assert v["img_s"] == row["jaxtl_img_s"] and v["peak_rss_mb"] > 0 and v["xla_mem_mb"] > 0
     assert res["jaxtl_img_s"] is None and res["ratio"] is None  # no unfrozen float32 row was asked for
+    assert "single" in stdout
