@@ -27,6 +27,13 @@ log = logging.getLogger("jaxtl.data")
 SCAN_VERSION = 1
 
 
+def graph_fn(fn: Callable) -> Callable:
+    """Mark a tf.data map/filter function as plain graph code. tf.data otherwise runs every such function
+    through AutoGraph, whose Python AST rewrite costs 0.2-1.6 s per pipeline build (every epoch and at start-up);
+    jaxtl's functions use explicit ``tf.cond`` / ``tf.where``, so there is nothing for AutoGraph to convert."""
+    return tf.autograph.experimental.do_not_convert(fn)
+
+
 def decode_rgb(data: tf.Tensor) -> tf.Tensor:
     """Encoded bytes (scalar string) -> uint8 ``(h, w, 3)``; GIF gives its first frame."""
     img = tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8)
@@ -93,7 +100,7 @@ def _decode_errors(paths: Sequence[str], num_parallel: int) -> dict[str, str]:
     idx = tf.data.Dataset.range(len(paths))
     files = tf.data.Dataset.from_tensor_slices(list(paths))
     ds = tf.data.Dataset.zip((idx, files)).map(
-        lambda i, p: (i, tf.shape(decode_rgb(tf.io.read_file(p)))),
+        graph_fn(lambda i, p: (i, tf.shape(decode_rgb(tf.io.read_file(p))))),
         num_parallel_calls=num_parallel, deterministic=False)
     # ignore_errors drops the failing elements; the indices that never come out are the bad files.
     good = {int(i) for i, _ in ds.ignore_errors().as_numpy_iterator()}

@@ -29,6 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from jaxtl.data import augment, decode, sources
+from jaxtl.data.decode import graph_fn
 
 log = logging.getLogger("jaxtl.data")
 
@@ -102,7 +103,8 @@ class DataBundle:
         n_local_max = -(-num_valid // process_count)
         self.valid_steps = -(-n_local_max // batch_size)
         self._valid_ds: tf.data.Dataset | None = None
-        self._eval_fn = tf.function(self._eval_transform, input_signature=[tf.TensorSpec([], tf.string)])
+        self._eval_fn = tf.function(self._eval_transform, autograph=False,
+                                    input_signature=[tf.TensorSpec([], tf.string)])
 
     # ------------------------------------------------------------------------------------- training
     def train_batches(self, epoch: int, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
@@ -130,9 +132,9 @@ class DataBundle:
             x = augment.augment_batch(tf.cast(img, tf.float32) / 255.0, key, self.aug)
             return {"image": augment.normalize(x, self.mean, self.std), "label": label}
 
-        ds = ds.map(item, num_parallel_calls=self.num_parallel, deterministic=True)
+        ds = ds.map(graph_fn(item), num_parallel_calls=self.num_parallel, deterministic=True)
         ds = ds.batch(b, drop_remainder=True)
-        ds = ds.map(batch, num_parallel_calls=self.num_parallel, deterministic=True)
+        ds = ds.map(graph_fn(batch), num_parallel_calls=self.num_parallel, deterministic=True)
         return ds.prefetch(tf.data.AUTOTUNE)
 
     # ----------------------------------------------------------------------------------- validation
@@ -151,7 +153,7 @@ class DataBundle:
             img = x if decoded else decode.decode_rgb(x)
             return augment.eval_resize_crop(img, s), label, tf.constant(True)
 
-        ds = ds.map(item, num_parallel_calls=self.num_parallel, deterministic=True)
+        ds = ds.map(graph_fn(item), num_parallel_calls=self.num_parallel, deterministic=True)
         if self._source.cache:
             ds = ds.cache()
         pad = self.valid_steps * b - n_local
@@ -163,7 +165,7 @@ class DataBundle:
             x = augment.normalize(tf.cast(img, tf.float32) / 255.0, self.mean, self.std)
             return {"image": x, "label": label, "mask": mask}
 
-        ds = ds.batch(b).map(batch, num_parallel_calls=self.num_parallel, deterministic=True)
+        ds = ds.batch(b).map(graph_fn(batch), num_parallel_calls=self.num_parallel, deterministic=True)
         return ds.prefetch(tf.data.AUTOTUNE)
 
     @property
@@ -238,7 +240,7 @@ class _FileSource(_Source):
         if self._decoded is None:  # this process's fixed shard, decoded once and kept in memory
             ds = tf.data.Dataset.from_tensor_slices((self.train_paths[self.pi::self.pc].astype(str),
                                                      self.train_labels[self.pi::self.pc]))
-            ds = ds.map(lambda p, y: (decode.decode_rgb(tf.io.read_file(p)), y),
+            ds = ds.map(graph_fn(lambda p, y: (decode.decode_rgb(tf.io.read_file(p)), y)),
                         num_parallel_calls=self.num_parallel, deterministic=True)
             self._decoded = ds.cache()
         return self._decoded
@@ -249,20 +251,20 @@ class _FileSource(_Source):
             n_shard = len(self.train_paths[self.pi::self.pc])
             shuffle_seed = int(_key(seed, epoch, self.pi, _STREAM_SHUFFLE)[0])
             ds = shard.shuffle(n_shard, seed=shuffle_seed, reshuffle_each_iteration=False).take(n_items)
-            ds = ds.enumerate().skip(start).map(lambda k, e: (e[0], e[1], k))
+            ds = ds.enumerate().skip(start).map(graph_fn(lambda k, e: (e[0], e[1], k)))
             return ds, True
         perm = np.random.default_rng([seed % (2**63), epoch]).permutation(len(self.train_paths))
         mine = perm[self.pi::self.pc][:n_items][start:]
         pos = np.arange(start, n_items, dtype=np.int64)
         ds = tf.data.Dataset.from_tensor_slices(
             (self.train_paths[mine].astype(str), self.train_labels[mine], pos))
-        return ds.map(lambda p, y, k: (tf.io.read_file(p), y, k)), False
+        return ds.map(graph_fn(lambda p, y, k: (tf.io.read_file(p), y, k))), False
 
     def valid_elements(self) -> tuple[tf.data.Dataset, bool, int]:
         paths = [p for p, _ in self.valid]
         labels = np.array([y for _, y in self.valid], np.int32)
         ds = tf.data.Dataset.from_tensor_slices((tf.constant(paths, tf.string), labels))
-        return ds.map(lambda p, y: (tf.io.read_file(p), y)), False, len(paths)
+        return ds.map(graph_fn(lambda p, y: (tf.io.read_file(p), y))), False, len(paths)
 
     def valid_items(self) -> list[tuple[str, int]]:
         return list(self.valid)
@@ -289,7 +291,7 @@ class _TfdsSource(_Source):
         cfg = tfds.ReadConfig(add_tfds_id=True, shuffle_seed=None)
         ds = self.builder.as_dataset(split=split, shuffle_files=False, decoders=decoders, read_config=cfg)
         ik, lk, remap = self.image_key, self.label_key, self.remap
-        return ds.map(lambda e: (e[ik], tf.gather(remap, tf.cast(e[lk], tf.int32)), e["tfds_id"]))
+        return ds.map(graph_fn(lambda e: (e[ik], tf.gather(remap, tf.cast(e[lk], tf.int32)), e["tfds_id"])))
 
     def _split(self, valid: bool) -> tf.data.Dataset:
         if self.valid_mask is None:
@@ -298,24 +300,24 @@ class _TfdsSource(_Source):
         else:
             mask = tf.constant(self.valid_mask)
             ds = self._read(self.train_split).enumerate()
-            ds = ds.filter(lambda i, e: tf.equal(tf.gather(mask, i), valid)).map(lambda i, e: e)
+            ds = ds.filter(graph_fn(lambda i, e: tf.equal(tf.gather(mask, i), valid))).map(graph_fn(lambda i, e: e))
         return ds.shard(self.pc, self.pi)
 
     def train_elements(self, epoch: int, seed: int, n_items: int, start: int) -> tuple[tf.data.Dataset, bool]:
         if self._train_base is None:
-            base = self._split(False).map(lambda x, y, i: (x, y))
+            base = self._split(False).map(graph_fn(lambda x, y, i: (x, y)))
             self._train_base = base.cache() if self.cache else base
         shuffle_seed = int(_key(seed, epoch, self.pi, _STREAM_SHUFFLE)[0])
         ds = self._train_base.shuffle(self.shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
-        ds = ds.take(n_items).enumerate().skip(start).map(lambda k, e: (e[0], e[1], k))
+        ds = ds.take(n_items).enumerate().skip(start).map(graph_fn(lambda k, e: (e[0], e[1], k)))
         return ds, False
 
     def valid_elements(self) -> tuple[tf.data.Dataset, bool, int]:
-        return self._split(True).map(lambda x, y, i: (x, y)), False, self.num_valid_local
+        return self._split(True).map(graph_fn(lambda x, y, i: (x, y))), False, self.num_valid_local
 
     def valid_items(self) -> list[tuple[str, int]]:
         if self._valid_items is None:  # one pass over the split's ids and labels (image bytes not decoded)
-            ds = self._split(True).map(lambda x, y, i: (i, y))
+            ds = self._split(True).map(graph_fn(lambda x, y, i: (i, y)))
             self._valid_items = [(i.decode(), int(y)) for i, y in ds.as_numpy_iterator()]
         return self._valid_items
 
