@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxtl.models.conv import conv_general_dilated
 from jaxtl.models.norm import BatchNorm
 
 # torchvision initialises convs with kaiming_normal_(mode="fan_out", nonlinearity="relu").
@@ -43,6 +44,7 @@ def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str) -> nn.
     return nn.Conv(
         features, (kernel, kernel), (stride, stride), padding=((pad, pad), (pad, pad)),
         use_bias=False, kernel_init=conv_init, dtype=dtype, param_dtype=jnp.float32, name=name,
+        conv_general_dilated=conv_general_dilated,  # im2col for maps smaller than the kernel (CPU; see conv.py)
     )
 
 
