@@ -126,13 +126,14 @@ class Learner:
         model = create_model(m.arch, len(data.classes), m.head, zero_init_residual=bool(m.zero_init_residual),
                              head_dropout=float(m.head_dropout))
         size = min(int(data.size), 64)  # parameter shapes do not depend on the image size
-        variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, size, size, 3)), train=False))(
-            jax.random.PRNGKey(int(config.seed)))
+        key = jax.random.PRNGKey(int(config.seed))
         if m.pretrained:
-            from jaxtl.convert import load_pretrained, merge_pretrained
+            from jaxtl.convert import init_with_pretrained, load_pretrained
 
             pre = load_pretrained(m.pretrained, m.arch, cache_dir=m.weights_dir or None)
-            variables = merge_pretrained(variables, pre, m.head)
+            variables = init_with_pretrained(model, key, pre, m.head, size)  # the body is not initialised
+        else:
+            variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, size, size, 3)), train=False))(key)
         learn = cls(model, variables, data, config, workdir)
         if m.pretrained:
             learn.freeze()

@@ -51,12 +51,11 @@ def child(args: argparse.Namespace) -> dict:
     t_data = time.time() - t0
     t0 = time.time()
     model = create_model(c.model.arch, len(data.classes), c.model.head)
-    import jax.numpy as jnp
 
-    from jaxtl.convert import load_pretrained, merge_pretrained
+    from jaxtl.convert import init_with_pretrained, load_pretrained
 
-    init = jax.jit(lambda k: model.init(k, jnp.zeros((1, 64, 64, 3)), train=False))(jax.random.PRNGKey(0))
-    variables = merge_pretrained(init, load_pretrained(c.model.pretrained, c.model.arch), c.model.head)
+    pre = load_pretrained(c.model.pretrained, c.model.arch)
+    variables = init_with_pretrained(model, jax.random.PRNGKey(0), pre, c.model.head, min(args.size, 64))
     learn = Learner(model, variables, data, c, workdir=None)
     learn.freeze()
     t_model = time.time() - t0

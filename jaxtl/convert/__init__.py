@@ -5,7 +5,8 @@
 * :func:`save_variables` / :func:`load_variables`: jaxtl's safetensors weight format.
 * :func:`load_pretrained`: registry name (``resnet34.tv_in1k``, ...) or local file -> variables,
   with a verified download cache.
-* :func:`merge_pretrained`: pretrained body (+ matching linear head) into freshly initialised variables.
+* :func:`merge_pretrained`: pretrained body (+ matching linear head) into freshly initialised variables;
+  :func:`init_with_pretrained` does both without initialising the replaced body.
 * ``python -m jaxtl.convert SRC --arch ARCH --out DST``: the command-line converter.
 
 ``.pth`` files are read by a restricted unpickler that never imports torch or runs pickled code.
@@ -20,7 +21,7 @@ from jaxtl.convert.mapping import (
     state_dict_to_variables,
     variables_to_state_dict,
 )
-from jaxtl.convert.merge import merge_pretrained
+from jaxtl.convert.merge import init_with_pretrained, merge_pretrained
 from jaxtl.convert.registry import (
     REGISTRY,
     HashMismatchError,
@@ -37,7 +38,7 @@ from jaxtl.convert.torch_pickle import TorchFileError, UnsafePickleError, load_t
 __all__ = [
     "REGISTRY", "ConversionError", "HashMismatchError", "PretrainedEntry", "PretrainedUnavailableError",
     "TorchFileError", "UnsafePickleError", "convert_file", "default_cache_dir", "detect_format", "fetch",
-    "load_pretrained", "load_timm", "load_torch_state_dict", "load_torchvision", "load_variables",
-    "merge_pretrained", "name_table", "read_safetensors", "register", "save_variables",
+    "init_with_pretrained", "load_pretrained", "load_timm", "load_torch_state_dict", "load_torchvision",
+    "load_variables", "merge_pretrained", "name_table", "read_safetensors", "register", "save_variables",
     "state_dict_to_variables", "variables_to_state_dict",
 ]

@@ -34,6 +34,14 @@ def _copy(tree: Mapping[str, Any]) -> dict[str, Any]:
     return {k: _copy(v) if isinstance(v, Mapping) else v for k, v in tree.items()}
 
 
+def _shape(x: Any) -> tuple[int, ...]:
+    return tuple(x.shape) if hasattr(x, "shape") else tuple(np.shape(x))
+
+
+def _dtype(x: Any) -> Any:
+    return x.dtype if hasattr(x, "dtype") else jnp.asarray(x).dtype
+
+
 def merge_pretrained(
     init_variables: Mapping[str, Any], pretrained_variables: Mapping[str, Any], head: str = "fastai",
     *, strict: bool = True,
@@ -59,7 +67,7 @@ def merge_pretrained(
     body_pre = {p for p in pre_flat if is_body(p)}
     missing = sorted(body_init - body_pre)
     extra = sorted(body_pre - body_init)
-    wrong = sorted(p for p in body_init & body_pre if tuple(np.shape(pre_flat[p])) != tuple(np.shape(init_flat[p])))
+    wrong = sorted(p for p in body_init & body_pre if _shape(pre_flat[p]) != _shape(init_flat[p]))
     if strict and (missing or extra or wrong):
         lines = ["merge_pretrained: the pretrained body does not fit the model's body:"]
         if missing:
@@ -68,7 +76,7 @@ def merge_pretrained(
             lines.append(f"  unexpected ({len(extra)}): " + ", ".join("/".join(p) for p in extra))
         if wrong:
             lines.append(f"  wrongly-shaped ({len(wrong)}): " + ", ".join(
-                f"{'/'.join(p)} pretrained {tuple(np.shape(pre_flat[p]))} vs model {tuple(np.shape(init_flat[p]))}"
+                f"{'/'.join(p)} pretrained {_shape(pre_flat[p])} vs model {_shape(init_flat[p])}"
                 for p in wrong))
         lines.append("Check that model.arch matches the pretrained weights.")
         raise ConversionError("\n".join(lines))
@@ -77,7 +85,7 @@ def merge_pretrained(
     for p in body_init & body_pre:
         if p in wrong:
             continue
-        _set(out, p, jnp.asarray(pre_flat[p], dtype=jnp.asarray(init_flat[p]).dtype))
+        _set(out, p, jnp.asarray(pre_flat[p], dtype=_dtype(init_flat[p])))
 
     if head == "linear":
         fc_init = {p: v for p, v in init_flat.items() if p[:3] == ("params", "head", "fc")}
@@ -86,5 +94,26 @@ def merge_pretrained(
             np.shape(fc_pre[p]) == np.shape(fc_init[p]) for p in fc_init
         ):
             for p in fc_init:
-                _set(out, p, jnp.asarray(fc_pre[p], dtype=jnp.asarray(fc_init[p]).dtype))
+                _set(out, p, jnp.asarray(fc_pre[p], dtype=_dtype(fc_init[p])))
+    if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(out)):
+        raise ValueError("merge_pretrained: abstract (shape-only) init leaves need a complete pretrained body "
+                         "(strict=True)")
     return jax.tree_util.tree_map(jnp.asarray, out)
+
+
+def init_with_pretrained(model: Any, rng: jax.Array, pretrained_variables: Mapping[str, Any], head: str = "fastai",
+                         sample_size: int = 64) -> dict[str, Any]:
+    """``merge_pretrained(model.init(rng, x), pretrained_variables, head)`` without initialising the body that
+    the pretrained one replaces: the body's shapes come from ``jax.eval_shape`` (no compile, no random init of
+    ~20M parameters) and only the head is initialised, with the same values ``model.init`` gives it (Flax derives
+    each module's initialisation key from its path). ``sample_size``: side of the dummy image (parameter shapes do
+    not depend on it). A warm start skips one compiled program and its run."""
+    x = jax.ShapeDtypeStruct((1, sample_size, sample_size, 3), jnp.float32)
+    shapes = jax.eval_shape(lambda k: model.init(k, jnp.zeros(x.shape, x.dtype), train=False), rng)
+    feats = jax.eval_shape(lambda v: model.apply(v, jnp.zeros(x.shape, x.dtype), False, method="features"), shapes)
+    head_vars = jax.jit(lambda k: model.init(k, jnp.zeros(feats.shape, feats.dtype), train=False,
+                                             method="classify"))(rng)
+    init: dict[str, Any] = {}
+    for col, tree in shapes.items():
+        init[col] = {k: (head_vars[col][k] if k != "body" else v) for k, v in tree.items()}
+    return merge_pretrained(init, pretrained_variables, head)

@@ -83,3 +83,33 @@ def test_non_strict_keeps_init_for_missing(pretrained):
     assert _leaves_equal(merged["params"]["body"]["layer1_0"], pretrained["params"]["body"]["layer1_0"])
     with pytest.raises(ValueError, match="head"):
         merge_pretrained(init, pretrained, head="mlp")
+
+
+def test_init_with_pretrained_equals_merge_into_a_full_init():
+    """The fast path (body shapes only, head initialised alone) gives exactly model.init + merge_pretrained."""
+    from jaxtl.convert import init_with_pretrained
+    from jaxtl.models import create_model
+
+    for head in ("fastai", "linear"):
+        model = create_model("resnet18", 3, head)
+        key = jax.random.PRNGKey(7)
+        # jitted like the Learner's init (eager and jitted random init may differ in the last bit)
+        full = jax.jit(lambda k, m=model: m.init(k, jnp.zeros((1, 32, 32, 3)), train=False))(key)
+        pre = jax.tree_util.tree_map(lambda x: x + 1.0, {c: {"body": full[c]["body"]} for c in full})
+        fast = init_with_pretrained(model, key, pre, head, sample_size=32)
+        ref = merge_pretrained(full, pre, head)
+        assert jax.tree_util.tree_structure(fast) == jax.tree_util.tree_structure(ref)
+        for a, b in zip(jax.tree_util.tree_leaves(fast), jax.tree_util.tree_leaves(ref), strict=True):
+            assert a.dtype == b.dtype
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_init_with_pretrained_rejects_a_body_of_another_arch():
+    from jaxtl.convert import init_with_pretrained
+    from jaxtl.models import create_model
+
+    r34 = create_model("resnet34", 2)
+    r18 = create_model("resnet18", 2)
+    pre = r18.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    with pytest.raises(ConversionError, match="missing"):
+        init_with_pretrained(r34, jax.random.PRNGKey(0), pre, "fastai", sample_size=32)
