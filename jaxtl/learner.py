@@ -285,7 +285,9 @@ class Learner:
             end_reason = None
             step_in_epoch = start_step
             pending: tuple[Any, int, int] | None = None
-            batches = iter(self.data.train_batches(self.data_epoch, start_step))
+            t_wait = time.perf_counter()
+            batches = iter(self.data.train_batches(self.data_epoch, start_step))  # builds the tf.data pipeline
+            self.timings["data_wait"] += time.perf_counter() - t_wait
             try:
                 while True:
                     t_wait = time.perf_counter()
@@ -317,8 +319,10 @@ class Learner:
                     if max_steps and steps_run >= max_steps and step_in_epoch < spe:
                         end_reason = "max_steps"
                         break
+                t_host = time.perf_counter()
                 if end_reason != "diverged" and pending is not None and not self._consume(pending, ctx, bar):
                     end_reason = "diverged"
+                self.timings["step"] += time.perf_counter() - t_host  # the epoch's last step
             finally:
                 bar.close()
             if end_reason == "diverged":

@@ -63,6 +63,17 @@ def prepare_workdir(workdir: Path, resume: bool, need_bytes: int = MIN_FREE_BYTE
 
 
 USER_ERRORS = (FileNotFoundError, ValueError, RuntimeError, OSError)
+_IMPORTED_AT = time.time()
+
+
+def process_start_time() -> float:
+    """When this process started (``time.time()`` scale): from /proc on Linux, else when jaxtl.main was imported."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # since boot
+        boot = time.time() - float(Path("/proc/uptime").read_text().split()[0])  # 10 ms resolution
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return _IMPORTED_AT
 
 
 def preflight_message(config, error: BaseException) -> str:
@@ -187,7 +198,12 @@ def main(argv: list[str]) -> int:
         return 1
     learn.write_report()  # every process (gathers the validation predictions); process 0 writes
     if is_main:
-        print(f"jaxtl: done in {time.time() - t0:.0f}s; {result}; outputs in {workdir}", flush=True)
+        first = ""
+        if learn.first_step_done_at is not None:  # start-up cost: imports, data, model, trace + compile/cache load
+            since = learn.first_step_done_at - process_start_time()
+            log.info("start-up: first training step done %.2f s after the process started", since)
+            first = f" (first training step after {since:.1f}s)"
+        print(f"jaxtl: done in {time.time() - t0:.0f}s{first}; {result}; outputs in {workdir}", flush=True)
     return 0
 
 
