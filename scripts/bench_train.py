@@ -39,7 +39,10 @@ FLOPs of one step from XLA's cost analysis of the lowered (global, unpartitioned
 each variant's jaxtl runs in a child process of its own (idle on a pipe between its blocks), lock-stepped with
 the other variants and with torch (which stays in this process); the first variant fills the ``jaxtl_*`` fields
 and every variant gets a line of its own (``rows[i]["variants"]``). Use it on a shared machine, where runs made
-one after the other see different loads.
+one after the other see different loads. Every variant (and the in-process jaxtl) runs with jaxtl's CPU defaults
+(``jaxtl/cpu_defaults.py``) unless its flags set the same XLA flag; words of the form ``NAME=VALUE`` without a
+leading ``-`` are environment variables, so ``--variant xla_defaults=JAXTL_CPU_DEFAULTS=0`` measures XLA's own
+defaults.
 
 The JSON (``--json PATH``) has the unfrozen float32 row's figures at the top level (``jaxtl_img_s``,
 ``torch_img_s``, ``ratio``), ``frozen_no_bn_img_s`` / ``frozen_no_bn_vs_unfrozen`` (float32), every row under
@@ -367,7 +370,13 @@ class WorkerJaxtl:
     def __init__(self, name: str, xla_flags: str, spec: dict[str, Any]) -> None:
         import subprocess
 
-        env = {**os.environ, "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " " + xla_flags).strip()}
+        # NAME=VALUE words set environment variables (e.g. JAXTL_CPU_DEFAULTS=0: XLA's own defaults), the rest
+        # are XLA flags appended to the user's XLA_FLAGS
+        words = xla_flags.split()
+        env_words = dict(w.split("=", 1) for w in words if not w.startswith("-") and "=" in w)
+        flags = " ".join(w for w in words if w.startswith("-") or "=" not in w)
+        base = env_words.pop("XLA_FLAGS", os.environ.get("JAXTL_BENCH_USER_XLA_FLAGS", os.environ.get("XLA_FLAGS", "")))
+        env = {**os.environ, **env_words, "XLA_FLAGS": (base + " " + flags).strip()}
         self.name, self.xla_flags = name, env["XLA_FLAGS"]
         self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--_worker", json.dumps(spec)],
                                      env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -401,6 +410,8 @@ def worker_main(spec_json: str) -> None:
     """Child side of :class:`WorkerJaxtl`."""
     spec = json.loads(spec_json)
     import jax
+
+    import jaxtl  # noqa: F401  (jaxtl's CPU defaults, unless the variant set JAXTL_CPU_DEFAULTS=0 or the flag)
 
     if spec.get("cpu_devices"):
         jax.config.update("jax_num_cpu_devices", spec["cpu_devices"])
@@ -688,7 +699,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {}
     if args.xla_flags:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
+    os.environ["JAXTL_BENCH_USER_XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "")  # variants start from these
     import jax
+
+    import jaxtl  # noqa: F401  (before JAX starts: applies jaxtl's CPU defaults, jaxtl/cpu_defaults.py)
 
     if args.cpu_devices:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
