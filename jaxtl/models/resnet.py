@@ -98,9 +98,51 @@ class Bottleneck(nn.Module):
         return nn.relu(y + x)
 
 
-def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
-    """torchvision's MaxPool2d(3, 2, padding=1): pads with -inf symmetrically by 1."""
+def _max_pool_reduce_window(x: jax.Array) -> jax.Array:
     return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+def _max_pool_first_max(x: jax.Array) -> jax.Array:
+    """The same pool as nine strided slices of the -inf-padded input; the output takes the *first* maximum of
+    each window (row-major, NaN wins), as torch and ``reduce_window``'s gradient do, so gradients go to that
+    element only. Differentiable through slices and selects."""
+    n, h, w, c = x.shape
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+    ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+    taps = [jax.lax.slice(xp, (0, i, j, 0), (n, i + 2 * ho - 1, j + 2 * wo - 1, c), (1, 2, 2, 1))
+            for i in range(3) for j in range(3)]
+    best = jax.lax.stop_gradient(taps[0])
+    first = jnp.zeros(best.shape, jnp.int8)
+    for k in range(1, 9):
+        t = jax.lax.stop_gradient(taps[k])
+        better = (t > best) | jnp.isnan(t)
+        best, first = jnp.where(better, t, best), jnp.where(better, jnp.int8(k), first)
+    out = jnp.where(first == 0, taps[0], jnp.zeros((), x.dtype))
+    for k in range(1, 9):
+        out = out + jnp.where(first == k, taps[k], jnp.zeros((), x.dtype))
+    return out
+
+
+@jax.custom_vjp
+def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
+    """torchvision's MaxPool2d(3, 2, padding=1): pads with -inf symmetrically by 1.
+
+    Forward: ``reduce_window``. Backward: the gradient of :func:`_max_pool_first_max` (identical values,
+    bitwise): XLA CPU expands ``reduce_window``'s own gradient (``select_and_scatter``) into index iotas, a
+    variadic reduce-window and a scatter, 4.5x slower than nine selects and pads (ResNet stem pool, batch 32 at
+    224 px: 399 -> 88 ms for forward + backward on jaxlib 0.10.2)."""
+    return _max_pool_reduce_window(x)
+
+
+def _max_pool_fwd(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return _max_pool_reduce_window(x), x
+
+
+def _max_pool_bwd(x: jax.Array, g: jax.Array) -> tuple[jax.Array]:
+    return jax.vjp(_max_pool_first_max, x)[1](g)
+
+
+max_pool_3x3_s2.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 class ResNetBody(nn.Module):

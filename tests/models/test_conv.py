@@ -52,3 +52,22 @@ def test_small_maps_take_the_matmul_path_and_large_maps_keep_the_conv():
     assert "conv_general_dilated" not in _primitives(4, 3, 2)  # output 2x2 < kernel: its input gradient swaps
     assert _primitives(8, 3, 1) & {"conv_general_dilated"} and "dot_general" not in _primitives(8, 3, 1)
     assert "conv_general_dilated" in _primitives(14, 3, 2)
+
+
+@pytest.mark.parametrize("shape", [(2, 9, 9, 3), (1, 8, 6, 2), (2, 1, 1, 2)])
+def test_stem_max_pool_values_and_gradients_equal_reduce_window_bitwise(shape):
+    """The custom backward (first maximum of each window gets the gradient) is reduce_window's, ties included."""
+    import flax.linen as nn
+
+    from jaxtl.models.resnet import max_pool_3x3_s2
+
+    rng = np.random.default_rng(1)
+    x = np.maximum(rng.normal(size=shape), 0).astype(np.float32)  # ReLU output: many tied zeros
+    x[0, 0, :, 0] = 2.0  # ties at a positive value
+    x = jnp.asarray(x)
+    ref = lambda x: nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    np.testing.assert_array_equal(max_pool_3x3_s2(x), ref(x))
+    r = jnp.asarray(rng.normal(size=ref(x).shape).astype(np.float32))
+    g = jax.jit(jax.grad(lambda x: (max_pool_3x3_s2(x) * r).sum()))(x)
+    g_ref = jax.jit(jax.grad(lambda x: (ref(x) * r).sum()))(x)
+    np.testing.assert_array_equal(g, g_ref)
