@@ -381,6 +381,7 @@ class WorkerJaxtl:
         self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--_worker", json.dumps(spec)],
                                      env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         info = self._reply("READY")
+        self.xla_flags = info.get("xla_flags", self.xla_flags)  # as the worker runs them (with jaxtl's defaults)
         self.compile_s, self.flops, self.xla_mem_mb = info["compile_s"], info["flops"], info["xla_mem_mb"]
         self.last_dt = self.last_peak_mb = float("nan")
 
@@ -421,7 +422,8 @@ def worker_main(spec_json: str) -> None:
     jx = JaxtlRunner(spec["arch"], spec["num_classes"], spec["phase"], spec["precision"], images, labels,
                      spec["parallel"])
     jx.run(spec["warmup"])
-    print("READY " + json.dumps({"compile_s": jx.compile_s, "flops": jx.flops, "xla_mem_mb": jx.xla_mem_mb}),
+    print("READY " + json.dumps({"compile_s": jx.compile_s, "flops": jx.flops, "xla_mem_mb": jx.xla_mem_mb,
+                                 "xla_flags": os.environ.get("XLA_FLAGS", "")}),
           flush=True)
     peak = PeakRSS()
     for line in sys.stdin:
