@@ -124,6 +124,7 @@ def stop_on_signals(learn, received: list[int]) -> Iterator[None]:
 
 def main(argv: list[str]) -> int:
     del argv
+    absl_logging.set_verbosity(absl_logging.WARNING)  # before JAX starts: no backend-probing INFO lines on the console
     config = _CONFIG.value
     try:
         jconfig.validate(config)
