@@ -35,7 +35,7 @@ def _import_tensorflow() -> None:
 
 _import_tensorflow()
 
-from jaxtl.data.augment import AugParams  # noqa: E402  (after _import_tensorflow), eval_size, random_resized_crop_params
+from jaxtl.data.augment import AugParams, eval_size, random_resized_crop_params  # noqa: E402  (after TF's import)
 from jaxtl.data.decode import scan_images  # noqa: E402
 from jaxtl.data.demo import make_demo_folder  # noqa: E402
 from jaxtl.data.pipeline import DataBundle, DataWarning, build_data  # noqa: E402

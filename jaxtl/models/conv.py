@@ -7,8 +7,7 @@ conv 40-100x slower than the same conv on a 3x3 map (2x2x512 -> 512, batch 16: 1
 jaxlib 0.10.2). The same happens to the input gradient of a conv whose *output* is smaller than the kernel
 (layer4's stride-2 conv, 4x4 -> 2x2: 31 ms instead of ~1.5 ms), so both cases take this path. The im2col form
 is the same sum (``y[b, i, j, o] = sum_{di, dj, c} xpad[b, s*i + di, s*j + dj, c] * w[di, dj, c, o]``), tiny at
-these sizes, and its gradients are pads, slices and dots. Nothing changes for
-larger maps or on other backends.
+these sizes, and its gradients are pads, slices and dots. Nothing changes for larger maps or on other backends.
 """
 
 from __future__ import annotations

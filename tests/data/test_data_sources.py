@@ -139,3 +139,10 @@ def test_tfds_missing_dataset_fails_fast_with_instructions(tmp_path):
     assert "tfds build oxford_iiit_pet" in msg and str(tmp_path) in msg and "manual" in msg
     with pytest.raises(ValueError, match="tfds_name"):
         resolve_tfds("not a name!", str(tmp_path))
+
+
+def test_package_exports_every_name_it_lists():
+    import jaxtl.data
+
+    missing = [n for n in jaxtl.data.__all__ if not hasattr(jaxtl.data, n)]
+    assert not missing
