@@ -1,5 +1,8 @@
 """The ResNets' conv: im2col for maps smaller than the kernel (CPU) equals lax.conv_general_dilated, values and
-gradients; larger maps keep XLA's convolution."""
+gradients; larger maps keep XLA's convolution; the fusion barrier before every conv changes no value and stops XLA
+from recomputing conv inputs inside the weight gradient's transposes."""
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +10,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from jaxtl.models.conv import conv_general_dilated, im2col_conv
+from jaxtl.models.conv import conv_general_dilated, fusion_barrier, im2col_conv
 
 DN = ("NHWC", "HWIO", "NHWC")
 # (input side, Cin, Cout, kernel, stride): layer4 on 64 px and 32 px images, layer4's stride-2 conv, a stem on a
@@ -38,6 +41,65 @@ def test_im2col_matches_lax_conv_values_and_gradients(hw, cin, cout, k, s):
     g_ref = jax.grad(lambda x, w: (_ref(x, w, s, p) * r).sum(), argnums=(0, 1))(x, w)
     for a, b in zip(g, g_ref, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5 * float(jnp.abs(b).max()), rtol=0)
+
+
+def test_fusion_barrier_is_the_identity_for_values_and_gradients():
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(2, 5, 5, 3)).astype(np.float32))
+    like = jnp.asarray([np.nan, 1.0], jnp.float32)  # NaN predicate: the other branch runs, still the identity
+    r = jnp.asarray(rng.normal(size=x.shape).astype(np.float32))
+    for k in (x[0, 0, 0], like):
+        np.testing.assert_array_equal(jax.jit(fusion_barrier)(x, k), x)
+        g = jax.jit(jax.grad(lambda x: (fusion_barrier(x, k) * r).sum()))(x)
+        np.testing.assert_array_equal(g, r)
+
+
+def _transposed_input_fusions(monkeypatch, barrier: str, batch: int = 4) -> list[int]:
+    """Operand counts of the compiled gradient's fusions that build a conv input in ``[C, H, W, N]`` layout."""
+    from jaxtl.models import create_model
+
+    monkeypatch.setenv("JAXTL_CONV_BARRIER", barrier)  # read when the model is traced
+    m = create_model("resnet18", 3, "fastai", head_dropout=0.0)
+    x = jnp.asarray(np.random.default_rng(0).random((batch, 64, 64, 3)), jnp.float32)
+    v = m.init(jax.random.PRNGKey(0), x[:1], train=False)
+
+    def loss(p):
+        y, _ = m.apply({"params": p, "batch_stats": v["batch_stats"]}, x, train=True, mutable=["batch_stats"])
+        return (y ** 2).sum()
+
+    hlo = jax.jit(jax.grad(loss)).lower(v["params"]).compile().as_text()
+    fusion = re.compile(r"\s*%\S+ = f32\[(\d+),\d+,\d+,(\d+)\]\S* fusion\((.*?)\), kind")
+    return [m.group(3).count("%") for m in map(fusion.match, hlo.splitlines())
+            if m and int(m.group(2)) == batch and int(m.group(1)) != batch]
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the barrier is applied on the CPU backend only")
+def test_weight_gradient_transposes_read_the_stored_conv_input(monkeypatch):
+    """With the barrier each transposed conv input is a copy of one buffer; without it XLA recomputes the BatchNorm /
+    ReLU / shortcut chain inside the transpose (that case is checked too, so the test can tell them apart)."""
+    with_barrier = _transposed_input_fusions(monkeypatch, "1")
+    assert with_barrier and max(with_barrier) == 1, with_barrier
+    without = _transposed_input_fusions(monkeypatch, "0")
+    assert max(without) > 3, f"XLA no longer recomputes conv inputs ({without}): re-measure the barrier's use"
+
+
+def test_conv_values_and_gradients_do_not_depend_on_the_barrier(monkeypatch):
+    from jaxtl.models import create_model
+
+    m = create_model("resnet18", 3, "fastai", head_dropout=0.0)
+    x = jnp.asarray(np.random.default_rng(3).random((2, 40, 40, 3)), jnp.float32)
+    v = m.init(jax.random.PRNGKey(0), x[:1], train=False)
+
+    def grads(flag):
+        monkeypatch.setenv("JAXTL_CONV_BARRIER", flag)
+        f = lambda p: (m.apply({"params": p, "batch_stats": v["batch_stats"]}, x, train=True,
+                               mutable=["batch_stats"])[0] ** 2).sum()
+        return jax.jit(jax.value_and_grad(f))(v["params"])
+
+    (l1, g1), (l0, g0) = grads("1"), grads("0")
+    np.testing.assert_allclose(l1, l0, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):  # fusion may reorder float32 sums
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * float(jnp.abs(b).max()) + 1e-12)
 
 
 def _primitives(h, k, s):
