@@ -50,7 +50,7 @@ def test_fusion_barrier_is_the_identity_for_values_and_gradients():
     r = jnp.asarray(rng.normal(size=x.shape).astype(np.float32))
     for k in (x[0, 0, 0], like):
         np.testing.assert_array_equal(jax.jit(fusion_barrier)(x, k), x)
-        g = jax.jit(jax.grad(lambda x: (fusion_barrier(x, k) * r).sum()))(x)
+        g = jax.jit(jax.grad(lambda x, k: (fusion_barrier(x, k) * r).sum()))(x, k)
         np.testing.assert_array_equal(g, r)
 
 
