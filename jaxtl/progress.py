@@ -114,9 +114,7 @@ class HistoryLogger:
 
     def _writer(self) -> Any:
         if self._tb is None:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(logdir=str(self.workdir / "tb"))
+            self._tb = _summary_writer_class()(logdir=str(self.workdir / "tb"))
         return self._tb
 
     def write_csv(self, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:
@@ -154,6 +152,27 @@ class HistoryLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def _summary_writer_class() -> type:
+    """tensorboardX's ``SummaryWriter``, imported without PyTorch.
+
+    ``tensorboardX.writer`` runs ``try: import torch`` at import time (only to accept torch tensors, which jaxtl
+    never logs); with torch installed, as it is for the parity tests, that adds 1-3 s after the first step. Unless
+    torch is already loaded, hide it for the import (a ``None`` entry in ``sys.modules`` makes ``import torch`` raise
+    ImportError, which tensorboardX catches) and remove the entry again so later imports of torch still work.
+    """
+    if "tensorboardX" in sys.modules or "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # type: ignore[assignment]
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if sys.modules.get("torch", "") is None:
+            del sys.modules["torch"]
+    return SummaryWriter
 
 
 def _pyplot() -> Any:
