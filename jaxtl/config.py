@@ -80,6 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
     t.checkpoint = True
     t.max_steps = 0  # stop each fit after this many steps (0 = no limit; for smoke tests)
     t.compile_cache_dir = ""  # JAX persistent compilation cache ('' = ~/.cache/jaxtl/xla)
+    t.step_cache = True  # also keep the traced + compiled steps there (jaxtl/step_cache.py): warm starts skip tracing
     t.distributed = False  # call jax.distributed.initialize() (multi-host)
 
     c.optim = o = ml_collections.ConfigDict()

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxtl import groups, metrics, parallel, progress, schedules
+from jaxtl import groups, metrics, parallel, progress, schedules, step_cache
 from jaxtl.checkpoint import Checkpointer
 from jaxtl.train import TrainState, make_eval_step, make_predict_step, make_train_step
 
@@ -99,8 +99,9 @@ class Learner:
         if self.workdir is not None and bool(t.checkpoint):
             self._ckpt = Checkpointer(self.workdir)
         self._logger = progress.HistoryLogger(self.workdir, enabled=self.is_main) if self.workdir else None
-        self._eval = self.par.eval_step(make_eval_step(self.model, axis_name=self.par.model_axis_name))
-        self._predict = self.par.predict_step(make_predict_step(self.model))
+        self._eval = self._cached(self.par.eval_step(make_eval_step(self.model, axis_name=self.par.model_axis_name)),
+                                  "eval", {})
+        self._predict = self._cached(self.par.predict_step(make_predict_step(self.model)), "predict", {})
         self._train_step: Any = None
         # Wall seconds by activity over the Learner's life (for scripts/bench_e2e.py): waiting for the input
         # pipeline, the first step of each phase (trace + compile or cache load), later steps, validation.
@@ -138,6 +139,16 @@ class Learner:
         if m.pretrained:
             learn.freeze()
         return learn
+
+    def _cached(self, jitted: Any, name: str, description: dict[str, Any]) -> Any:
+        """``jitted`` behind the on-disk step cache (``train.step_cache``, in JAX's compilation cache dir) when its
+        key can be complete: sharded jit in one process and a jaxtl model. ``description`` must hold every other
+        Python value the step closes over; the model's repr is added here."""
+        directory = step_cache.default_directory()
+        if (not bool(self.config.train.step_cache) or directory is None or self.par.mode != "jit"
+                or jax.process_count() > 1 or not step_cache.defined_in_jaxtl(self.model)):
+            return jitted
+        return step_cache.StepCache(jitted, name, {"model": repr(self.model), **description}, directory)
 
     # ------------------------------------------------------------------------------------------ freezing
     def freeze_to(self, n: int) -> None:
@@ -267,8 +278,12 @@ class Learner:
             self._prepare_opt_state(tx)
             self._smooth.reset()  # fastai resets the smoothed loss at each fit
         mask = groups.trainable_mask(self.variables["params"], self.n_frozen_groups, bool(self.config.train.train_bn))
-        self._train_step = self.par.train_step(make_train_step(self.model, tx, mask,
-                                                               axis_name=self.par.model_axis_name))
+        t = self.config.train
+        self._train_step = self._cached(
+            self.par.train_step(make_train_step(self.model, tx, mask, axis_name=self.par.model_axis_name)), "train",
+            {"optim": self.config.optim.to_dict(), "n_frozen_groups": self.n_frozen_groups,
+             "train_bn": bool(t.train_bn), "reset_opt_on_freeze": bool(t.reset_opt_on_freeze),  # tx and mask
+             "one_cycle": [total, list(lrs), div, div_final, pct_start, list(moms)]})  # the schedules in tx
         ctx = {"phase": phase, "epochs": epochs, "lrs": head_lrs, "spe": spe}
         with self._sigint_to_stop():
             return self._train_epochs(ctx, start_epoch, start_step)
