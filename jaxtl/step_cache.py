@@ -18,7 +18,9 @@ through XLA's cache) and saves it. The key is a sha256 over everything the progr
 
 Files live in ``<JAX compilation cache dir>/jaxtl_steps`` (JAX's own cache keeps its files at that folder's top
 level, so its eviction never touches them). A file that cannot be read is recompiled and rewritten; a step that
-cannot be serialised, or a folder that cannot be written, just runs uncached. Loading an executable runs its
+cannot be serialised, or a folder that cannot be written, just runs uncached. A program that XLA's cache
+supplied is not saved (in jaxlib 0.10 such a CPU executable serialises without its kernels), so a step whose
+module XLA's cache already held gains nothing here until that entry is gone. Loading an executable runs its
 code: the cache folder must be the user's own (the same holds for XLA's cache).
 """
 
@@ -31,7 +33,8 @@ import logging
 import os
 import pickle
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -40,7 +43,7 @@ import jax
 
 log = logging.getLogger("jaxtl.step_cache")
 SUBDIR = "jaxtl_steps"
-FORMAT = 1  # bump when the file layout below changes
+FORMAT = 2  # bump when the file layout below changes (2: files from XLA cache hits, which do not run, excluded)
 _PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "ml_dtypes")
 
 
@@ -120,6 +123,23 @@ def call_signature(args: tuple[Any, ...]) -> str:
     return repr(treedef) + "|" + repr([_leaf_signature(x) for x in leaves])
 
 
+@contextmanager
+def _persistent_cache_hits() -> Iterator[list[str]]:
+    """Collect the ``/jax/compilation_cache/cache_hits`` events JAX records inside the block (public
+    ``jax.monitoring`` listener API). Events from other threads land here too: that only makes us skip a save."""
+    hits: list[str] = []
+
+    def listener(event: str, **_: Any) -> None:
+        if event == "/jax/compilation_cache/cache_hits":
+            hits.append(event)
+
+    jax.monitoring.register_event_listener(listener)
+    try:
+        yield hits
+    finally:
+        jax.monitoring.unregister_event_listener(listener)
+
+
 class StepCache:
     """``jitted(*args)`` with its compiled program loaded from / saved to ``directory`` between runs.
 
@@ -129,8 +149,10 @@ class StepCache:
     ``saved`` programs; ``_cache_size()`` is the number of programs held, like ``jax.jit``'s.
     """
 
-    def __init__(self, jitted: Any, name: str, description: Mapping[str, Any], directory: Path | None) -> None:
-        self.jitted, self.name, self.directory = jitted, name, directory
+    def __init__(self, jitted: Any, name: str, description: Mapping[str, Any],
+                 directory: str | os.PathLike | None) -> None:
+        self.jitted, self.name = jitted, name
+        self.directory = None if directory is None else Path(directory)
         self.description = json.dumps(description, sort_keys=True, default=repr)
         self._programs: dict[Any, Callable[..., Any]] = {}
         self.stats = {"loaded": 0, "compiled": 0, "saved": 0}
@@ -166,9 +188,14 @@ class StepCache:
                 return compiled
             except Exception as e:  # noqa: BLE001  (truncated file, other jaxlib build, ...: recompile)
                 log.warning("step cache: cannot load %s (%s: %s); compiling again", path, type(e).__name__, e)
-        compiled = self.jitted.lower(*args).compile()
+        with _persistent_cache_hits() as hits:
+            compiled = self.jitted.lower(*args).compile()
         self.stats["compiled"] += 1
-        if path is not None:
+        if path is not None and hits:
+            # jaxlib 0.10's CPU executable loaded from XLA's cache serialises without its kernels: a later run
+            # would load it and fail with "NOT_FOUND: Function ... not found". Keep only programs compiled here.
+            log.info("step cache: %s came from XLA's persistent cache; not saved", self.name)
+        elif path is not None:
             self._save(compiled, path)
         return compiled
 

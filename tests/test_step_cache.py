@@ -86,6 +86,43 @@ def test_key_changes_with_description_signature_and_environment(tmp_path, monkey
     assert again.stats == {"loaded": 1, "compiled": 0, "saved": 0}
 
 
+_XLA_CACHE_RUN = """
+import sys
+from pathlib import Path
+import jax, jax.numpy as jnp, numpy as np
+from jaxtl.step_cache import StepCache
+from jaxtl.train import enable_compilation_cache
+enable_compilation_cache(sys.argv[1])
+def f(x, w):
+    y = x @ w
+    return (y - y.mean(0)) * jax.lax.rsqrt(y.var(0) + 1e-5)
+args = (jnp.arange(128.0).reshape(8, 16) / 100, jnp.ones((16, 16)) / 4)
+cache = StepCache(jax.jit(f), "f", {"variant": sys.argv[2]}, Path(sys.argv[1]) / "jaxtl_steps")
+out = np.asarray(cache(*args))
+np.testing.assert_array_equal(out, np.asarray(jax.jit(f)(*args)))
+print(cache.stats)
+"""
+
+
+def test_program_from_xlas_cache_is_not_saved(tmp_path):
+    """A description that is new to the step cache but lowers to a module XLA's cache already holds: jaxlib 0.10
+    serialises such a cache-loaded CPU executable without its kernels, and a later run that loaded the file
+    failed with "NOT_FOUND: Function ... not found". Each run is a fresh process, as a user's runs are."""
+    import subprocess
+
+    def run(variant: str) -> str:
+        r = subprocess.run([sys.executable, "-c", _XLA_CACHE_RUN, str(tmp_path / "xla"), variant],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r.stdout.strip().splitlines()[-1]
+
+    assert run("a") == str({"loaded": 0, "compiled": 1, "saved": 1})  # compiled here: saved
+    assert run("b") == str({"loaded": 0, "compiled": 1, "saved": 0})  # XLA's cache supplied it: not saved
+    assert run("b") == str({"loaded": 0, "compiled": 1, "saved": 0})  # and still runs right next time
+    assert run("a") == str({"loaded": 1, "compiled": 0, "saved": 0})  # the good file still loads and runs
+    assert [p.name.split("-")[0] for p in files(tmp_path / "xla" / "jaxtl_steps")] == ["f"]
+
+
 def test_unreadable_file_is_recompiled_and_rewritten(tmp_path, caplog):
     StepCache(jitted, "f", {}, tmp_path)(*ARGS)
     (path,) = files(tmp_path)
