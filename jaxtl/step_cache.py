@@ -13,7 +13,7 @@ through XLA's cache) and saves it. The key is a sha256 over everything the progr
 - ``description``: what the caller built the step from (the model's repr, the optimiser config, the schedule's
   parameters, the frozen groups, ...); the caller must put every Python value the step closes over in it;
 - the call's argument signature: pytree structure, shape, dtype, weak type and sharding of every leaf;
-- the source of every ``jaxtl/*.py`` file, the jax / jaxlib / flax / optax / numpy versions, JAX's
+- the source of every ``jaxtl/*.py`` file, the jax / jaxlib / flax / optax / numpy / ml_dtypes versions, JAX's
   trace-affecting config values, the ``XLA_*`` / ``JAX_*`` / ``JAXTL_*`` environment, and the devices.
 
 Files live in ``<JAX compilation cache dir>/jaxtl_steps`` (JAX's own cache keeps its files at that folder's top
@@ -63,6 +63,7 @@ def _source_digest() -> str:
     return h.hexdigest()
 
 
+@lru_cache(maxsize=1)  # installed versions do not change within a process; ~5 ms per lookup
 def _versions() -> dict[str, str]:
     out = {}
     for name in _PACKAGES:
