@@ -109,11 +109,10 @@ def init_with_pretrained(model: Any, rng: jax.Array, pretrained_variables: Mappi
     each module's initialisation key from its path). ``sample_size``: side of the dummy image (parameter shapes do
     not depend on it). A warm start skips one compiled program and its run."""
     x = jax.ShapeDtypeStruct((1, sample_size, sample_size, 3), jnp.float32)
-    shapes = jax.eval_shape(lambda k: model.init(k, jnp.zeros(x.shape, x.dtype), train=False), rng)
-    feats = jax.eval_shape(lambda v: model.apply(v, jnp.zeros(x.shape, x.dtype), False, method="features"), shapes)
+    # one trace of the body gives both its variables' shapes and the head's input shape
+    feats, body = jax.eval_shape(
+        lambda k: model.init_with_output(k, jnp.zeros(x.shape, x.dtype), train=False, method="features"), rng)
     head_vars = jax.jit(lambda k: model.init(k, jnp.zeros(feats.shape, feats.dtype), train=False,
                                              method="classify"))(rng)
-    init: dict[str, Any] = {}
-    for col, tree in shapes.items():
-        init[col] = {k: (head_vars[col][k] if k != "body" else v) for k, v in tree.items()}
+    init: dict[str, Any] = {col: {**body.get(col, {}), **head_vars.get(col, {})} for col in {*body, *head_vars}}
     return merge_pretrained(init, pretrained_variables, head)
