@@ -261,6 +261,28 @@ def demo_weights_file(spec: str, arch: str, cache_dir: str | os.PathLike | None 
     return path
 
 
+def _load_demo(source: Path, arch: str) -> dict[str, Any]:
+    """The demo file converted once and cached beside it, as a registry download is (``<name>.converted.safetensors``,
+    valid while the source file's size and modification time are those it was converted from)."""
+    converted = source.with_name(source.stem + ".converted.safetensors")
+    st = source.stat()
+    stamp = f"{st.st_size}:{st.st_mtime_ns}"
+    if converted.is_file():
+        try:
+            variables, meta = load_variables(converted)
+            if meta.get("arch") == arch and meta.get("source_stat") == stamp:
+                return variables
+        except (OSError, ValueError):  # damaged or foreign file: convert again and replace it
+            pass
+    variables = convert_file(source, arch, "timm")
+    try:
+        save_variables(converted, variables, {"arch": arch, **_head_meta(variables), "source": str(source),
+                                              "source_stat": stamp})
+    except OSError:  # a read-only cache still runs, converting each time
+        pass
+    return variables
+
+
 def load_pretrained(
     spec: str, arch: str, cache_dir: str | os.PathLike | None = None, *, progress: bool = True
 ) -> dict[str, Any]:
@@ -274,7 +296,7 @@ def load_pretrained(
     if arch not in ARCHS:
         raise ValueError(f"model.arch={arch!r} is not known; choose one of {sorted(ARCHS)}")
     if spec.startswith(DEMO_PREFIX):
-        return convert_file(demo_weights_file(spec, arch, cache_dir), arch, "timm")
+        return _load_demo(demo_weights_file(spec, arch, cache_dir), arch)
     path = Path(spec).expanduser()
     if path.is_file():
         return convert_file(path, arch)
