@@ -114,5 +114,6 @@ def init_with_pretrained(model: Any, rng: jax.Array, pretrained_variables: Mappi
         lambda k: model.init_with_output(k, jnp.zeros(x.shape, x.dtype), train=False, method="features"), rng)
     head_vars = jax.jit(lambda k: model.init(k, jnp.zeros(feats.shape, feats.dtype), train=False,
                                              method="classify"))(rng)
-    init: dict[str, Any] = {col: {**body.get(col, {}), **head_vars.get(col, {})} for col in {*body, *head_vars}}
+    init: dict[str, Any] = {col: {**body.get(col, {}), **head_vars.get(col, {})}
+                            for col in dict.fromkeys([*body, *head_vars])}  # model.init's collection order
     return merge_pretrained(init, pretrained_variables, head)

@@ -16,6 +16,7 @@ import os
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -261,25 +262,35 @@ def demo_weights_file(spec: str, arch: str, cache_dir: str | os.PathLike | None 
     return path
 
 
+def _read_converted(converted: Path, arch: str, valid: Callable[[dict[str, Any]], bool]) -> dict[str, Any] | None:
+    """The variables cached in the jaxtl file ``converted`` if it holds ``arch`` and ``valid(meta)``; ``None`` when
+    it is missing, stale, or damaged (it is then converted again and replaced)."""
+    if not converted.is_file():
+        return None
+    try:
+        variables, meta = load_variables(converted)
+    except (OSError, ValueError):
+        return None
+    return variables if meta.get("arch") == arch and valid(meta) else None
+
+
+def _write_converted(converted: Path, arch: str, variables: dict[str, Any], source_meta: dict[str, str]) -> None:
+    try:
+        save_variables(converted, variables, {"arch": arch, **_head_meta(variables), **source_meta})
+    except OSError:  # a cache that cannot be written only means converting each time
+        pass
+
+
 def _load_demo(source: Path, arch: str) -> dict[str, Any]:
-    """The demo file converted once and cached beside it, as a registry download is (``<name>.converted.safetensors``,
-    valid while the source file's size and modification time are those it was converted from)."""
+    """The demo file converted once and cached beside it (``<name>.converted.safetensors``), as a registry
+    download is; valid while the source file's size and modification time are those it was converted from."""
     converted = source.with_name(source.stem + ".converted.safetensors")
     st = source.stat()
     stamp = f"{st.st_size}:{st.st_mtime_ns}"
-    if converted.is_file():
-        try:
-            variables, meta = load_variables(converted)
-            if meta.get("arch") == arch and meta.get("source_stat") == stamp:
-                return variables
-        except (OSError, ValueError):  # damaged or foreign file: convert again and replace it
-            pass
-    variables = convert_file(source, arch, "timm")
-    try:
-        save_variables(converted, variables, {"arch": arch, **_head_meta(variables), "source": str(source),
-                                              "source_stat": stamp})
-    except OSError:  # a read-only cache still runs, converting each time
-        pass
+    variables = _read_converted(converted, arch, lambda meta: meta.get("source_stat") == stamp)
+    if variables is None:
+        variables = convert_file(source, arch, "timm")
+        _write_converted(converted, arch, variables, {"source": str(source), "source_stat": stamp})
     return variables
 
 
@@ -314,12 +325,12 @@ def load_pretrained(
                          f"({', '.join(n for n, e in sorted(REGISTRY.items()) if e.arch == arch) or 'none'})")
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     converted = cache / "converted" / f"{entry.name}.safetensors"
-    if converted.is_file():
-        variables, meta = load_variables(converted)
-        if meta.get("arch") == arch and hash_matches(meta.get("source_sha256", ""), entry.sha256):
-            return variables
+    variables = _read_converted(converted, arch,
+                                lambda meta: hash_matches(meta.get("source_sha256", ""), entry.sha256))
+    if variables is not None:
+        return variables
     raw = fetch(entry, cache, progress=progress)
     variables = convert_file(raw, arch, entry.format)
-    save_variables(converted, variables, {"arch": arch, **_head_meta(variables), "source": entry.url,
-                                          "source_sha256": sha256_file(raw), "registry_name": entry.name})
+    _write_converted(converted, arch, variables, {"source": entry.url, "source_sha256": sha256_file(raw),
+                                                  "registry_name": entry.name})
     return variables

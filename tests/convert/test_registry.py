@@ -20,6 +20,7 @@ from jaxtl.convert import (
     PretrainedUnavailableError,
     load_pretrained,
     load_torchvision,
+    load_variables,
     save_variables,
     variables_to_state_dict,
 )
@@ -86,6 +87,9 @@ def test_file_url_download_convert_and_cache(tmp_path, monkeypatch, resnet18_pth
     converted.unlink()
     _same(load_pretrained("resnet18.test_file", "resnet18", cache_dir=cache, progress=False), v1)  # raw cache
     assert converted.is_file()
+    converted.write_bytes(b"damaged")  # a damaged conversion is redone from the raw cache and replaced
+    _same(load_pretrained("resnet18.test_file", "resnet18", cache_dir=cache, progress=False), v1)
+    _same(load_variables(converted)[0], v1)
 
 
 def test_http_download_once_with_progress_bar(tmp_path, monkeypatch, serve, capsys, resnet18_pth):
