@@ -1,6 +1,6 @@
-"""``conv_general_dilated`` for the ResNets' ``nn.Conv``: ``lax.conv_general_dilated``, with two changes on the CPU
-backend only: feature maps smaller than the kernel are computed as im2col + one matrix product, and every conv's
-input first passes a fusion barrier.
+"""``conv_general_dilated`` for the ResNets' ``nn.Conv``: ``lax.conv_general_dilated``, with three changes on the CPU
+backend only: feature maps smaller than the kernel are computed as im2col + one matrix product, every conv's
+input first passes a fusion barrier, and stride-2 convs compute their input gradient phase by phase.
 
 Why by hand: when a conv's input is spatially smaller than its kernel (layer4's 3x3 convs on a 2x2 or 1x1 map,
 i.e. images under 96 px), XLA's algebraic simplifier swaps the conv's operands, and XLA CPU then runs the swapped
@@ -18,16 +18,23 @@ operands) instead of reading the already materialised activation. The barrier ma
 so the transpose reads one buffer: ResNet-34 at 224 px batch 32 spends 0.26 s instead of 1.2-1.3 s per step in
 those transposes (jaxlib 0.10.2). ``lax.optimization_barrier`` does not do this on CPU (it is removed before
 fusion); a conditional is a fusion boundary that XLA keeps.
+
+Third: the input gradient of a stride-2 kxk conv (k > 1) is XLA's transposed conv, which XLA CPU runs on a
+zero-dilated copy of the output gradient (4x the positions, 3 of 4 zeros: ResNet-34's layer2 entry conv at
+224 px batch 32 took 61 ms for it against 13 ms forward). :func:`stride2_input_grad` splits it into one
+stride-1 conv per input phase (row and column parity), the forward's FLOPs in total, and interleaves them.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
@@ -78,6 +85,63 @@ def fusion_barrier(x: jax.Array, like: jax.Array) -> jax.Array:
     return lax.cond(v == v, lambda t: t, lambda t: t * 1.0, x)
 
 
+def stride2_input_grad(g: jax.Array, w: jax.Array, in_hw: tuple[int, int], padding: Sequence[tuple[int, int]],
+                       precision: Any = None) -> jax.Array:
+    """dL/dx ``(B, H, W, C)`` of the stride-2 NHWC conv ``y = conv(x, w)``, from ``g = dL/dy`` ``(B, Ho, Wo, O)``.
+
+    Input row ``h = 2m + r`` (phase ``r``) is reached by the taps ``d = r + p + 2e`` from output row ``m - e``
+    (``p`` = low padding), so per phase ``(r, q)``::
+
+        dx[b, 2m+r, 2n+q, c] = sum_{e, f} g[b, m-e, n-f, o] * w[r+p+2e, q+p+2f, c, o]
+
+    a stride-1 correlation of ``g`` with a sub-kernel of ``w``. Four of them (one per phase, exactly the forward
+    conv's FLOPs) are interleaved into ``dx``; XLA's own transposed conv runs on a zero-dilated ``g`` instead."""
+    n, ho, wo, _ = g.shape
+    kh, kw, c, _ = w.shape
+    h, wd = in_hw
+    mh, mw = -(-h // 2), -(-wd // 2)  # rows/cols per phase (the odd phase's extra one is sliced off below)
+    rows = []
+    for r in (0, 1):
+        cols = []
+        for q in (0, 1):
+            th = [d for d in range(kh) if (d - r - padding[0][0]) % 2 == 0]
+            tw = [d for d in range(kw) if (d - q - padding[1][0]) % 2 == 0]
+            if not th or not tw:
+                cols.append(jnp.zeros((n, mh, mw, c), g.dtype))
+                continue
+            lo_h, lo_w = (th[-1] - r - padding[0][0]) // 2, (tw[-1] - q - padding[1][0]) // 2  # largest e, f
+            # taps in descending e: correlation index t reads g[m - e_max + t]
+            kern = w[np.array(th[::-1])][:, np.array(tw[::-1])].transpose(0, 1, 3, 2)  # (Th, Tw, O, C)
+            gp = lax.pad(g, jnp.zeros((), g.dtype),
+                         ((0, 0, 0), (lo_h, mh - ho - lo_h + len(th) - 1, 0),
+                          (lo_w, mw - wo - lo_w + len(tw) - 1, 0), (0, 0, 0)))
+            cols.append(lax.conv_general_dilated(gp, kern, (1, 1), "VALID", dimension_numbers=_NHWC,
+                                                 precision=precision))
+        rows.append(jnp.stack(cols, axis=3))  # (B, mh, mw, 2, C)
+    return jnp.stack(rows, axis=2).reshape(n, 2 * mh, 2 * mw, c)[:, :h, :wd]
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def stride2_conv(x: jax.Array, w: jax.Array, padding: tuple[tuple[int, int], ...], precision: Any = None) -> jax.Array:
+    """``lax.conv_general_dilated`` at stride 2 (NHWC/HWIO) whose input gradient is :func:`stride2_input_grad`
+    (CPU only). The weight gradient is ``lax``'s own."""
+    return lax.conv_general_dilated(x, w, (2, 2), padding, dimension_numbers=_NHWC, precision=precision)
+
+
+def _stride2_fwd(x, w, padding, precision):
+    return stride2_conv(x, w, padding, precision), (x, w)
+
+
+def _stride2_bwd(padding, precision, res, g):
+    x, w = res
+    conv = lambda w: lax.conv_general_dilated(x, w, (2, 2), padding, dimension_numbers=_NHWC, precision=precision)
+    dw = jax.vjp(conv, w)[1](g)[0]
+    return stride2_input_grad(g, w, x.shape[1:3], padding, precision), dw
+
+
+stride2_conv.defvjp(_stride2_fwd, _stride2_bwd)
+
+
 def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padding: Any,
                          lhs_dilation: Sequence[int] | None = None, rhs_dilation: Sequence[int] | None = None,
                          dimension_numbers: Any = None, feature_group_count: int = 1,
@@ -98,6 +162,10 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
         lhs = fusion_barrier(lhs, rhs)
     if small and plain and _dims_are_nhwc(dimension_numbers) and on_cpu:
         return im2col_conv(lhs, rhs, tuple(window_strides), pairs, precision)
+    if (on_cpu and plain and pairs is not None and _dims_are_nhwc(dimension_numbers)
+            and tuple(window_strides) == (2, 2) and rhs.shape[0] > 1 and rhs.shape[1] > 1
+            and os.environ.get("JAXTL_PHASE_DX", "1") != "0"):  # =0: for A/B benchmarks
+        return stride2_conv(lhs, rhs, tuple(map(tuple, pairs)), precision)
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
                                     rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
                                     feature_group_count=feature_group_count, precision=precision, **kwargs)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
+from jax.extend.core import jaxprs_in_params
 
 from jaxtl.models.conv import conv_general_dilated, fusion_barrier, im2col_conv
 
@@ -106,7 +107,17 @@ def _primitives(h, k, s):
     x = jnp.zeros((2, h, h, 8))
     w = jnp.zeros((k, k, 8, 8))
     f = lambda x, w: conv_general_dilated(x, w, (s, s), ((k // 2, k // 2),) * 2, dimension_numbers=DN)
-    return {e.primitive.name for e in jax.make_jaxpr(f)(x, w).jaxpr.eqns}
+    return _names(jax.make_jaxpr(f)(x, w).jaxpr)
+
+
+def _names(jaxpr) -> set[str]:
+    """Primitive names in a jaxpr, including those inside custom_vjp calls and other sub-jaxprs."""
+    out = set()
+    for e in jaxpr.eqns:
+        out.add(e.primitive.name)
+        for sub in jaxprs_in_params(e.params):
+            out |= _names(sub)
+    return out
 
 
 def test_small_maps_take_the_matmul_path_and_large_maps_keep_the_conv():
@@ -133,3 +144,41 @@ def test_stem_max_pool_values_and_gradients_equal_reduce_window_bitwise(shape):
     g = jax.jit(jax.grad(lambda x: (max_pool_3x3_s2(x) * r).sum()))(x)
     g_ref = jax.jit(jax.grad(lambda x: (ref(x) * r).sum()))(x)
     np.testing.assert_array_equal(g, g_ref)
+
+
+# (input H, W, Cin, Cout, kernel): ResNet's stride-2 3x3 convs on even and odd maps, a non-square map, the stem
+STRIDE2 = [(8, 8, 4, 6, 3), (7, 7, 3, 5, 3), (16, 11, 4, 4, 3), (9, 7, 3, 4, 7), (5, 5, 2, 2, 5)]
+
+
+@pytest.mark.parametrize("h,w_,cin,cout,k", STRIDE2)
+def test_stride2_conv_input_gradient_by_phases_matches_lax(h, w_, cin, cout, k):
+    """The stride-2 conv's input gradient computed phase by phase equals lax's transposed conv (float32 sums in
+    another order: 1e-5 of the largest entry), and the conv's value and weight gradient are unchanged."""
+    from jaxtl.models.conv import stride2_conv, stride2_input_grad
+
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.normal(size=(2, h, w_, cin)).astype(np.float32))
+    w = jnp.asarray(rng.normal(size=(k, k, cin, cout)).astype(np.float32))
+    p = k // 2
+    pad = ((p, p), (p, p))
+    y_ref, vjp = jax.vjp(lambda x, w: _ref(x, w, 2, p), x, w)
+    r = jnp.asarray(rng.normal(size=y_ref.shape).astype(np.float32))
+    dx_ref, dw_ref = vjp(r)
+    dx = stride2_input_grad(r, w, (h, w_), pad, lax.Precision.HIGHEST)
+    assert dx.shape == x.shape
+    np.testing.assert_allclose(dx, dx_ref, atol=1e-5 * float(jnp.abs(dx_ref).max()), rtol=0)
+    y, vjp2 = jax.vjp(lambda x, w: stride2_conv(x, w, pad, lax.Precision.HIGHEST), x, w)
+    np.testing.assert_array_equal(y, y_ref)
+    dx2, dw2 = vjp2(r)
+    np.testing.assert_allclose(dx2, dx_ref, atol=1e-5 * float(jnp.abs(dx_ref).max()), rtol=0)
+    np.testing.assert_array_equal(dw2, dw_ref)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the phase input gradient is used on the CPU backend only")
+def test_stride2_convs_take_the_phase_gradient_and_others_do_not(monkeypatch):
+    """ResNet's stride-2 kxk convs (k > 1) use it, 1x1 shortcut convs and stride-1 convs keep lax's own;
+    JAXTL_PHASE_DX=0 (for A/B benchmarks) turns it off."""
+    assert "custom_vjp_call" in _primitives(14, 3, 2)
+    assert "custom_vjp_call" not in _primitives(14, 1, 2) and "custom_vjp_call" not in _primitives(8, 3, 1)
+    monkeypatch.setenv("JAXTL_PHASE_DX", "0")
+    assert "custom_vjp_call" not in _primitives(14, 3, 2)
