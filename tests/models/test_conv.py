@@ -146,8 +146,9 @@ def test_stem_max_pool_values_and_gradients_equal_reduce_window_bitwise(shape):
     np.testing.assert_array_equal(g, g_ref)
 
 
-# (input H, W, Cin, Cout, kernel): ResNet's stride-2 3x3 convs on even and odd maps, a non-square map, the stem
-STRIDE2 = [(8, 8, 4, 6, 3), (7, 7, 3, 5, 3), (16, 11, 4, 4, 3), (9, 7, 3, 4, 7), (5, 5, 2, 2, 5)]
+# (input H, W, Cin, Cout, kernel): ResNet's stride-2 3x3 convs on even and odd maps, a non-square map, the stem,
+# a 1x1 kernel (its odd phases get no tap)
+STRIDE2 = [(8, 8, 4, 6, 3), (7, 7, 3, 5, 3), (16, 11, 4, 4, 3), (9, 7, 3, 4, 7), (5, 5, 2, 2, 5), (9, 6, 4, 2, 1)]
 
 
 @pytest.mark.parametrize("h,w_,cin,cout,k", STRIDE2)
