@@ -197,6 +197,7 @@ def learner(init_vars, **train):
     return Learner(model, v, TinyBundle(n_train=8, n_valid=4), cfg, None)
 
 
+@pytest.mark.slow
 def test_learner_second_run_loads_every_step_and_trains_identically(init_vars, xla_dir):
     first = learner(init_vars)
     first.freeze()
@@ -227,6 +228,7 @@ def test_learner_second_run_loads_every_step_and_trains_identically(init_vars, x
     assert len([p for p in files(xla_dir / step_cache.SUBDIR) if p.name.startswith("train-")]) == 3
 
 
+@pytest.mark.slow
 def test_learner_uses_plain_jit_when_the_cache_is_off_or_cannot_be_keyed(init_vars, xla_dir):
     for train in ({"step_cache": False}, {"parallel": "pmap"}):
         learn = learner(init_vars, **train)

@@ -11,6 +11,7 @@ from jaxtl.convert.registry import demo_weights_file
 from jaxtl.models import create_model
 
 
+@pytest.mark.slow
 def test_demo_weights_are_the_seeded_init_through_the_timm_conversion_path(tmp_path):
     path = demo_weights_file("demo:resnet18", "resnet18", tmp_path)
     assert detect_format(path) == "timm"

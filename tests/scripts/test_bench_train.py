@@ -24,6 +24,7 @@ def _run(tmp_path: Path, *extra: str) -> tuple[dict, str]:
     return json.loads(out.read_text()), proc.stdout
 
 
+@pytest.mark.slow
 def test_bench_train_json_and_table(tmp_path: Path) -> None:
     pytest.importorskip("torch")
     res, stdout = _run(tmp_path, "--phases", "unfrozen,frozen_no_bn", "--precisions", "float32")
