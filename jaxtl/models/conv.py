@@ -21,9 +21,9 @@ fusion); a conditional is a fusion boundary that XLA keeps.
 
 Third: the input gradient of a stride-2 kxk conv (k > 1) is XLA's transposed conv, which XLA CPU runs on a
 zero-dilated copy of the output gradient (4x the positions, 3 of 4 zeros: ResNet-34's layer2 entry conv at
-224 px batch 32 took 61 ms for it against 13 ms forward). :func:`stride2_input_grad` splits it into one
+224 px batch 32 took 72.7 ms for it against 23.1 ms forward). :func:`stride2_input_grad` splits it into one
 stride-1 conv per input phase (row and column parity), the forward's FLOPs in total, and interleaves them
-(that conv's input gradient: 72.7 -> 36.4 ms, measured 2026-12-03).
+(that conv's input gradient: 72.7 -> 36.4 ms, measured 2026-12-03, docs/bench/2026-12-03/stride2_dx_per_conv.json).
 """
 
 from __future__ import annotations
