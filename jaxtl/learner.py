@@ -79,6 +79,9 @@ class Learner:
         self.num_classes = len(self.classes)
         self.columns = progress.columns_for(self.num_classes)
         metrics.is_better(str(t.metric), 0.0, None)  # validates train.metric
+        if str(t.metric) == "top_5_accuracy" and self.num_classes <= 5:
+            raise ValueError(f"config field train.metric='top_5_accuracy' is computed only with more than 5 classes; "
+                             f"this data has {self.num_classes}: choose error_rate, accuracy, valid_loss or train_loss")
         rng = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), 1)
         self.state = self.par.put_state(TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
                                                    batch_stats=variables["batch_stats"], opt_state=None, rng=rng))
@@ -117,12 +120,15 @@ class Learner:
         from jaxtl.config import validate
         from jaxtl.data import build_data
         from jaxtl.models import create_model
+        from jaxtl.run_setup import log, start_run
 
         validate(config)
+        start_run(config, workdir)  # as jaxtl.main: compilation cache, train.log, config.json
         t = config.train
         parallel.DataParallel(str(t.parallel)).check_batch_size(int(t.batch_size))
         n_proc = jax.process_count()
         data = build_data(config.data, int(t.batch_size) // n_proc, int(config.seed), jax.process_index(), n_proc)
+        log.info("data: %s", data.description)
         m = config.model
         model = create_model(m.arch, len(data.classes), m.head, zero_init_residual=bool(m.zero_init_residual),
                              head_dropout=float(m.head_dropout))
@@ -194,15 +200,18 @@ class Learner:
         return self._fit_phase(int(epochs), lrs, float(div), float(div_final), float(pct_start), tuple(moms))
 
     def fine_tune(self, epochs: int, base_lr: float = 2e-3, freeze_epochs: int = 1, lr_mult: float = 100.0,
-                  pct_start: float = 0.3, div: float = 5.0, resume: bool = False) -> list[dict[str, Any]]:
+                  pct_start: float = 0.3, div: float = 5.0, div_final: float = 1e5,
+                  moms: tuple[float, float, float] = (0.95, 0.85, 0.95), resume: bool = False) -> list[dict[str, Any]]:
         """fastai's ``fine_tune``: ``freeze(); fit_one_cycle(freeze_epochs, slice(base_lr), pct_start=0.99)``, then
-        ``unfreeze(); fit_one_cycle(epochs, slice(base_lr/2/lr_mult, base_lr/2), pct_start, div)``."""
+        ``unfreeze(); fit_one_cycle(epochs, slice(base_lr/2/lr_mult, base_lr/2), pct_start, div)``; ``div_final``
+        and ``moms`` go to both ``fit_one_cycle`` calls (fastai passes its ``**kwargs`` on)."""
         self._begin(resume)
         rows: list[dict[str, Any]] = []
         for ph in schedules.fine_tune_plan(int(epochs), float(base_lr), int(freeze_epochs), float(lr_mult),
                                            float(pct_start), float(div)):
             self.freeze_to(ph.n_frozen)
-            rows += self._fit_phase(ph.epochs, list(ph.lrs), ph.div, 1e5, ph.pct_start, (0.95, 0.85, 0.95))
+            rows += self._fit_phase(ph.epochs, list(ph.lrs), ph.div, float(div_final), ph.pct_start,
+                                    tuple(float(m) for m in moms))
             if self.stopped_early:
                 break
         return rows
@@ -740,7 +749,8 @@ def run_recipe(learn: Learner, config: ml_collections.ConfigDict | None = None,
     pct, div = float(recipe_value(cfg, "pct_start")), float(recipe_value(cfg, "div"))
     if t.recipe == "fine_tune":
         learn.fine_tune(int(t.epochs), base_lr=float(t.lr), freeze_epochs=int(t.freeze_epochs),
-                        lr_mult=float(t.lr_mult), pct_start=pct, div=div, resume=resume)
+                        lr_mult=float(t.lr_mult), pct_start=pct, div=div, div_final=float(t.div_final),
+                        moms=tuple(t.moms), resume=resume)
     elif t.recipe == "one_cycle":
         learn.fit_one_cycle(int(t.epochs), float(t.lr), div=div, div_final=float(t.div_final), pct_start=pct,
                             moms=tuple(t.moms), resume=resume)

@@ -11,7 +11,6 @@ TensorBoard events, checkpoints, and PNG plots (loss curves, confusion matrix, t
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -91,15 +90,6 @@ def preflight_message(config, error: BaseException) -> str:
     return "\n".join(lines)
 
 
-def setup_logging(workdir: Path) -> None:
-    handler = logging.FileHandler(workdir / "train.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False  # the console gets the epoch table; the details go to train.log
-    absl_logging.set_verbosity(absl_logging.WARNING)
-
-
 @contextlib.contextmanager
 def stop_on_signals(learn, received: list[int]) -> Iterator[None]:
     """For the whole recipe (every phase, and the gaps between them): the first SIGINT or SIGTERM (e.g. a
@@ -132,15 +122,13 @@ def main(argv: list[str]) -> int:
         raise SystemExit(f"error: {e}") from None
 
     from jaxtl import learner as jlearner
-    from jaxtl import parallel
-    from jaxtl import train as jtrain
+    from jaxtl import parallel, run_setup
 
     # multi-process: asked for by train.distributed or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES; before any
     # other JAX call. Every process runs this same program; only process 0 writes the work dir's files
     # (checkpoints are written by all, coordinated by orbax), so --workdir must be on a shared file system.
     if parallel.distributed_requested(config.train.distributed):
         parallel.initialize_distributed()
-    jtrain.enable_compilation_cache(config.train.compile_cache_dir)
     import jax
     import numpy as np
 
@@ -154,15 +142,13 @@ def main(argv: list[str]) -> int:
         when = time.struct_time(tuple(int(v) for v in stamp))
     workdir = Path(_WORKDIR.value) if _WORKDIR.value else default_workdir(flags.FLAGS["config"].config_filename, when)
     prepare_workdir(workdir, _RESUME.value)
+    run_setup.start_run(config, workdir)  # Learner.from_config repeats it (idempotent): cache, train.log, config
     if is_main:
-        setup_logging(workdir)
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-        log.info("config: %s", json.dumps(config.to_dict(), default=str))
         if jax.process_count() > 1:
             log.info("%d processes, %d devices", jax.process_count(), jax.device_count())
         print(f"jaxtl: work dir {workdir}", flush=True)
     else:
-        absl_logging.set_verbosity(absl_logging.WARNING)  # as setup_logging: no orbax INFO lines on the console
+        absl_logging.set_verbosity(absl_logging.WARNING)  # as on process 0: no orbax INFO lines on the console
 
     try:
         learn = jlearner.Learner.from_config(config, workdir=workdir)

@@ -53,3 +53,69 @@ def test_bad_values_name_the_field(field, value, msg):
     with pytest.raises(ValueError, match=msg) as e:
         validate(cfg)
     assert field in str(e.value)
+
+
+def test_metric_must_be_one_the_run_computes():
+    from jaxtl.metrics import LOWER_IS_BETTER
+
+    c = load_config("demo")
+    c.train.metric = "f1_score"
+    with pytest.raises(ValueError, match="train.metric='f1_score'.*'error_rate'.*'top_5_accuracy'"):
+        validate(c)
+    for m in LOWER_IS_BETTER:
+        c.train.metric = m
+        validate(c)
+
+
+def test_label_values_include_tfds_features():
+    c = load_config("demo")
+    for label in ("parent", "is_cat", r"regex:^(.+)_\d+\.jpg$", "feature:species"):
+        c.data.label = label
+        validate(c)
+    c.data.label = "species"
+    with pytest.raises(ValueError, match="data.label='species'.*feature:<name>"):
+        validate(c)
+
+
+def test_ignored_fields_name_the_field_and_the_sources_that_read_it():
+    from jaxtl.config import ignored_fields
+
+    c = load_config("pets")
+    assert ignored_fields(c.data) == []
+    c.data.path, c.data.demo_images = "/some/folder", 5
+    msgs = ignored_fields(c.data)
+    assert len(msgs) == 2 and "data.path='/some/folder' is ignored: data.source='tfds'" in msgs[0]
+    assert "folder, name_func" in msgs[0] and "data.demo_images" in msgs[1]
+    assert ignored_fields(load_config("demo").data) == [] and ignored_fields(load_config("hymenoptera").data) == []
+
+
+@pytest.fixture(scope="module")
+def demo_learner_config(tmp_path_factory):
+    c = load_config("demo")
+    c.data.demo_images, c.data.size, c.model.pretrained, c.train.batch_size = 8, 32, "", 4
+    c.train.compile_cache_dir = str(tmp_path_factory.mktemp("xla"))
+    return c
+
+
+def test_top5_metric_with_five_classes_or_fewer_is_an_error(demo_learner_config, monkeypatch, tmp_path):
+    from jaxtl.learner import Learner
+
+    monkeypatch.setenv("JAXTL_CACHE_DIR", str(tmp_path))
+    c = demo_learner_config.copy_and_resolve_references()
+    c.train.metric = "top_5_accuracy"
+    with pytest.raises(ValueError, match="train.metric='top_5_accuracy'.*more than 5 classes.*has 2"):
+        Learner.from_config(c)
+
+
+def test_fine_tune_recipe_passes_moms_and_div_final_on(demo_learner_config, monkeypatch, tmp_path):
+    """fastai's fine_tune hands its **kwargs (moms, div_final) to both fit_one_cycle calls."""
+    from jaxtl.learner import Learner, run_recipe
+
+    monkeypatch.setenv("JAXTL_CACHE_DIR", str(tmp_path))
+    c = demo_learner_config.copy_and_resolve_references()
+    c.train.moms, c.train.div_final = (0.9, 0.8, 0.9), 1e3
+    learn = Learner.from_config(c)
+    calls = []
+    monkeypatch.setattr(learn, "_fit_phase", lambda *a: calls.append(a) or [])
+    run_recipe(learn, c)
+    assert [(a[3], a[5]) for a in calls] == [(1e3, (0.9, 0.8, 0.9))] * 2

@@ -79,7 +79,7 @@ def test_demo_run_leaves_table_history_plots_and_a_model_that_predicts(tmp_path)
 
 
 def test_pets_offline_fails_fast_naming_data_and_weights(tmp_path):
-    from jaxtl.data.pipeline import network_reachable
+    from jaxtl.data.tfds_items import network_reachable
 
     if network_reachable() is None:
         pytest.skip("network reachable: pets.py would download for real")
@@ -90,3 +90,34 @@ def test_pets_offline_fails_fast_naming_data_and_weights(tmp_path):
     assert "tfds build oxford_iiit_pet" in r.stderr
     assert "resnet34-b627a593.pth" in r.stderr and str(tmp_path / "wc") in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_pets_config_runs_the_fastai_task_on_a_standin_tfds_pets(tmp_path):
+    """configs/pets.py (cats vs dogs) and :breeds through the CLI on a stand-in TFDS oxford_iiit_pet (the real
+    name, version and features; 40 generated images in TFDS splits train 20 / test 20)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tfds_pets import write_standin_pets
+
+    from jaxtl.predict import load_predictor
+
+    data_dir = write_standin_pets(tmp_path / "tfds")
+    small = [f"--config.data.data_dir={data_dir}", "--config.data.download=False", "--config.data.size=32",
+             "--config.model.arch=resnet18", "--config.model.pretrained=demo:resnet18", "--config.train.batch_size=8",
+             "--config.train.epochs=0", "--config.train.max_steps=1", f"--config.train.compile_cache_dir={tmp_path}/x"]
+    env = {"JAXTL_CACHE": str(tmp_path / "cache"), "JAXTL_CACHE_DIR": str(tmp_path / "cache")}
+    expect = {
+        ("configs/pets.py", "0.2"): (["False", "True"], "random valid_pct=0.2 split", "32 train / 8 valid"),
+        ("configs/pets.py:breeds", "0.2"): (["Abyssinian", "Bengal", "beagle", "boxer"], "random valid_pct=0.2",
+                                            "32 train / 8 valid"),
+        ("configs/pets.py:breeds", "0.0"): (["Abyssinian", "Bengal", "beagle", "boxer"],
+                                            "its own splits 'train' and 'test'", "20 train / 20 valid"),
+    }
+    for k, ((config, pct), (classes, rule, sizes)) in enumerate(expect.items()):
+        work = tmp_path / f"run{k}"
+        r = run_cli("jaxtl.main", "--config", config, *small, f"--config.data.valid_pct={pct}", f"--workdir={work}",
+                    env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert load_predictor(work).classes == classes
+        text = (work / "train.log").read_text()
+        assert rule in text and sizes in text, text[-2000:]

@@ -22,13 +22,12 @@ import logging
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
-from jaxtl.data import augment, decode, sources
+from jaxtl.data import augment, decode, sources, tfds_items
 from jaxtl.data.decode import graph_fn
 
 log = logging.getLogger("jaxtl.data")
@@ -271,36 +270,39 @@ class _FileSource(_Source):
 
 
 class _TfdsSource(_Source):
-    def __init__(self, builder: Any, train_split: str, valid_split: str | None, valid_mask: np.ndarray | None,
-                 image_key: str, label_key: str, remap: np.ndarray, pi: int, pc: int, cache: bool,
-                 shuffle_buffer: int, num_valid: int) -> None:
-        self.builder, self.train_split, self.valid_split = builder, train_split, valid_split
-        self.valid_mask = valid_mask  # train-split index -> is validation (valid_pct split) or None
-        self.image_key, self.label_key = image_key, label_key
-        self.remap = tf.constant(remap, tf.int32)  # TFDS label index -> sorted class index
+    """Examples of a :class:`jaxtl.data.tfds_items.TfdsPlan`: each side is a split string, a mask over its
+    read positions and per-position labels (or a feature remapped in the graph)."""
+
+    def __init__(self, plan: tfds_items.TfdsPlan, image_key: str, pi: int, pc: int, cache: bool,
+                 shuffle_buffer: int) -> None:
+        self.plan, self.image_key = plan, image_key
         self.pi, self.pc, self.cache, self.shuffle_buffer = pi, pc, cache, shuffle_buffer
-        self.num_valid_local = len(range(pi, num_valid, pc))  # Dataset.shard keeps elements pi, pi+pc, ...
+        self.num_valid_local = len(range(pi, plan.num_valid, pc))  # Dataset.shard keeps elements pi, pi+pc, ...
         self._train_base: tf.data.Dataset | None = None
         self._valid_items: list[tuple[str, int]] | None = None
 
-    def _read(self, split: str) -> tf.data.Dataset:
+    def _split(self, valid: bool) -> tf.data.Dataset:
+        """``(image bytes, class index, tfds_id)`` of one side, this process's shard."""
         import tensorflow_datasets as tfds
 
-        decoders = {k: tfds.decode.SkipDecoding() for k, f in self.builder.info.features.items()
+        plan = self.plan
+        split, mask = (plan.valid_split, plan.valid_mask) if valid else (plan.train_split, plan.train_mask)
+        labels, remap = tfds_items.label_tensor(plan, valid)
+        decoders = {k: tfds.decode.SkipDecoding() for k, f in plan.builder.info.features.items()
                     if isinstance(f, tfds.features.Image)}
         cfg = tfds.ReadConfig(add_tfds_id=True, shuffle_seed=None)
-        ds = self.builder.as_dataset(split=split, shuffle_files=False, decoders=decoders, read_config=cfg)
-        ik, lk, remap = self.image_key, self.label_key, self.remap
-        return ds.map(graph_fn(lambda e: (e[ik], tf.gather(remap, tf.cast(e[lk], tf.int32)), e["tfds_id"])))
+        ds = plan.builder.as_dataset(split=split, shuffle_files=False, decoders=decoders, read_config=cfg).enumerate()
+        ik, lk = self.image_key, plan.label_key
 
-    def _split(self, valid: bool) -> tf.data.Dataset:
-        if self.valid_mask is None:
-            split = self.valid_split if valid else self.train_split
-            ds = self._read(split)
-        else:
-            mask = tf.constant(self.valid_mask)
-            ds = self._read(self.train_split).enumerate()
-            ds = ds.filter(graph_fn(lambda i, e: tf.equal(tf.gather(mask, i), valid))).map(graph_fn(lambda i, e: e))
+        def label(i: tf.Tensor, e: dict[str, tf.Tensor]) -> tf.Tensor:
+            if labels is not None:
+                return tf.gather(labels, i)
+            return tf.gather(remap, tf.cast(e[lk], tf.int32))
+
+        if mask is not None:
+            keep = tf.constant(mask)
+            ds = ds.filter(graph_fn(lambda i, e: tf.gather(keep, i)))
+        ds = ds.map(graph_fn(lambda i, e: (e[ik], label(i, e), e["tfds_id"])))
         return ds.shard(self.pc, self.pi)
 
     def train_elements(self, epoch: int, seed: int, n_items: int, start: int) -> tuple[tf.data.Dataset, bool]:
@@ -313,12 +315,18 @@ class _TfdsSource(_Source):
         return ds, False
 
     def valid_elements(self) -> tuple[tf.data.Dataset, bool, int]:
+        if self.plan.valid_split is None:
+            empty = tf.data.Dataset.from_tensor_slices((tf.zeros([0], tf.string), tf.zeros([0], tf.int32)))
+            return empty, False, 0
         return self._split(True).map(graph_fn(lambda x, y, i: (x, y))), False, self.num_valid_local
 
     def valid_items(self) -> list[tuple[str, int]]:
         if self._valid_items is None:  # one pass over the split's ids and labels (image bytes not decoded)
-            ds = self._split(True).map(graph_fn(lambda x, y, i: (i, y)))
-            self._valid_items = [(i.decode(), int(y)) for i, y in ds.as_numpy_iterator()]
+            if self.plan.valid_split is None:
+                self._valid_items = []
+            else:
+                ds = self._split(True).map(graph_fn(lambda x, y, i: (i, y)))
+                self._valid_items = [(i.decode(), int(y)) for i, y in ds.as_numpy_iterator()]
         return self._valid_items
 
 
@@ -347,81 +355,6 @@ def _drop_corrupt(split: sources.FileSplit, on_corrupt: str, cache_dir: str | No
     return sources.FileSplit(keep(split.train), keep(split.valid), split.root, split.how, split.warnings), bad
 
 
-def _default_tfds_dir() -> str:
-    return os.environ.get("TFDS_DATA_DIR") or str(Path.home() / "tensorflow_datasets")
-
-
-NETWORK_PROBE = ("storage.googleapis.com", 443)  # TFDS's own bucket: reachable whenever TFDS can download
-
-
-def network_reachable(host_port: tuple[str, int] = NETWORK_PROBE, timeout: float = 5.0) -> str | None:
-    """None when a TCP connection to ``host_port`` opens within ``timeout`` s, else the reason it did not."""
-    import socket
-
-    try:
-        with socket.create_connection(host_port, timeout=timeout):
-            return None
-    except OSError as e:
-        return f"{type(e).__name__}: {e}"
-
-
-def _download_tfds(name: str, data_dir: str) -> None:
-    """Let TFDS download and prepare ``name``; offline, fail at once instead of TFDS's minutes of retries."""
-    import tensorflow_datasets as tfds
-
-    reason = network_reachable()
-    if reason is not None:
-        raise FileNotFoundError(f"TFDS dataset {name!r} is not prepared under data_dir={data_dir} and cannot be "
-                                f"downloaded: no network ({NETWORK_PROBE[0]} unreachable: {reason}).\n"
-                                + sources.tfds_help(name, data_dir))
-    try:
-        tfds.builder(name, data_dir=data_dir).download_and_prepare()
-    except Exception as e:  # noqa: BLE001 - any TFDS/network failure becomes the same actionable message
-        raise FileNotFoundError(f"TFDS could not download/prepare {name!r} into {data_dir}: {type(e).__name__}: "
-                                f"{e}\n" + sources.tfds_help(name, data_dir)) from e
-
-
-def _tfds_source(data_cfg: Any, pi: int, pc: int, cache: bool, download: bool, image_key: str,
-                 label_key: str) -> tuple[_TfdsSource, list[str], int, int, str]:
-    import tensorflow_datasets as tfds
-
-    name = str(data_cfg.tfds_name)
-    data_dir = str(data_cfg.data_dir) or _default_tfds_dir()
-    if download:
-        try:
-            sources.resolve_tfds(name, data_dir)
-        except FileNotFoundError:
-            _download_tfds(name, data_dir)
-    path = sources.resolve_tfds(name, data_dir)
-    builder = tfds.builder_from_directory(path)
-    info = builder.info
-    feats = info.features
-    if image_key not in feats or label_key not in feats:
-        raise ValueError(f"TFDS dataset {name!r} has features {list(feats.keys())}; jaxtl needs an image feature "
-                         f"{image_key!r} and a class-label feature {label_key!r} (build_data(image_key=, label_key=))")
-    names = list(feats[label_key].names)
-    classes = sorted(names)
-    remap = np.array([classes.index(n) for n in names], np.int32)
-    splits = {k: v.num_examples for k, v in info.splits.items()}
-    if "train" not in splits:
-        raise ValueError(f"TFDS dataset {name!r} has no 'train' split (splits: {sorted(splits)})")
-    valid_split = next((s for s in ("validation", "valid", "val", "test") if s in splits), None)
-    valid_mask = None
-    if valid_split is None:
-        n = splits["train"]
-        _, va = sources.random_split(n, float(data_cfg.valid_pct), int(data_cfg.seed))
-        valid_mask = np.zeros(n, bool)
-        valid_mask[va] = True
-        num_train, num_valid = n - len(va), len(va)
-        how = f"TFDS {name} at {path}: random valid_pct={data_cfg.valid_pct} split of 'train'"
-    else:
-        num_train, num_valid = splits["train"], splits[valid_split]
-        how = f"TFDS {name} at {path}: splits 'train' and {valid_split!r}"
-    src = _TfdsSource(builder, "train", valid_split, valid_mask, image_key, label_key, remap, pi, pc, cache,
-                      max(1, int(data_cfg.shuffle_buffer)), num_valid)
-    return src, classes, num_train, num_valid, how
-
-
 def build_data(
     data_cfg: Any,
     batch_size: int,
@@ -434,7 +367,6 @@ def build_data(
     cache_dir: str | None = None,
     download: bool | None = None,
     image_key: str = "image",
-    label_key: str = "label",
 ) -> DataBundle:
     """Build the input pipeline for ``config.data`` (see the module docstring and docs/design.md).
 
@@ -443,7 +375,7 @@ def build_data(
     ``cache_dir`` holds the corrupt-scan cache and the demo images (default ``$JAXTL_CACHE_DIR`` or
     ``~/.cache/jaxtl``); ``download=True`` (default: config field ``data.download``) lets TFDS download and
     prepare a missing dataset;
-    ``image_key``/``label_key`` name the TFDS features.
+    ``image_key`` names the TFDS image feature (the label comes from ``data.label``, e.g. ``feature:label``).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -457,6 +389,10 @@ def build_data(
     if any(float(x) <= 0 for x in data_cfg.std):
         raise ValueError(f"config field data.std must be positive, got {tuple(data_cfg.std)}")
     source_name = str(data_cfg.source)
+    from jaxtl.config import ignored_fields
+
+    for msg in ignored_fields(data_cfg):
+        _warn(msg)
     valid_pct, split_seed = float(data_cfg.valid_pct), int(data_cfg.seed)
     if not 0.0 <= valid_pct < 1.0:
         raise ValueError(f"config field data.valid_pct must be in [0, 1), got {valid_pct}")
@@ -468,9 +404,9 @@ def build_data(
     if files is not None and source_name != "name_func":
         raise ValueError(f"files=... is a file list for data.source='name_func', not {source_name!r}")
     if source_name == "tfds":
-        src, classes, num_train, num_valid, how = _tfds_source(
-            data_cfg, process_index, process_count, cache,
-            bool(data_cfg.get("download", False)) if download is None else download, image_key, label_key)
+        plan = tfds_items.plan_tfds(data_cfg, bool(data_cfg.download) if download is None else download, image_key)
+        src = _TfdsSource(plan, image_key, process_index, process_count, cache, max(1, int(data_cfg.shuffle_buffer)))
+        classes, num_train, num_valid, how = plan.classes, plan.num_train, plan.num_valid, plan.how
         if num_train == 0:
             raise ValueError(f"the training split of {how} is empty")
         if num_valid == 0:

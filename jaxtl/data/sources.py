@@ -6,11 +6,15 @@
 * ``name_func``: a flat (or nested) folder or a file list, labelled by a function of the file *name*:
   ``is_cat`` (Oxford-IIIT Pet: the first letter is upper-case), ``regex:<pattern>`` (``re.search`` on the name,
   group 1; ``^(.+)_\\d+\\.jpg$`` gives the 37 Pet breeds) or any Python callable.
-* ``tfds``: a prepared TFDS dataset (see :func:`resolve_tfds`).
+* ``tfds``: a prepared TFDS dataset (see :func:`resolve_tfds` and ``jaxtl/data/tfds_items.py``), labelled by
+  the example's ``file_name`` feature with the same ``is_cat`` / ``regex:`` rules, or by a dataset feature
+  (``feature:<name>``).
 
-The random split is fastai's ``RandomSplitter``: a permutation of the items (sorted by path first, so it does
-not depend on the file system's listing order) from ``numpy.random.default_rng(seed)``; the first
-``int(valid_pct * n)`` positions are the validation set.
+The random split is fastai's ``RandomSplitter(valid_pct, seed)`` exactly (:func:`torch_randperm`): the items
+are listed in a fixed order first -- jaxtl sorts files by path (fastai's ``get_image_files`` follows
+``os.walk``, whose order depends on the file system), TFDS examples by ``file_name`` -- then the first
+``int(valid_pct * n)`` positions of ``torch.randperm(n)`` after ``torch.manual_seed(seed)`` are the validation set.
+So ``RandomSplitter(valid_pct, seed)(sorted(files))`` in fastai picks the same validation files as jaxtl.
 """
 
 from __future__ import annotations
@@ -66,6 +70,16 @@ def regex_labeller(pattern: str) -> Callable[[str], str]:
     return label
 
 
+def name_labeller(label: str, source: str) -> Callable[[str], str]:
+    """``file name -> class name`` for ``data.label='is_cat'`` or ``'regex:<pattern>'`` (any source)."""
+    if label == "is_cat":
+        return lambda name: str(is_cat(name))
+    if label.startswith("regex:"):
+        return regex_labeller(label[len("regex:"):])
+    raise ValueError(f"config field data.label={label!r} does not label by file name (data.source={source!r}); "
+                     "use 'is_cat' or 'regex:<pattern>'")
+
+
 def make_labeller(label: str, label_func: Callable[[Any], Any] | None, source: str) -> Callable[[Path], str]:
     """``Path -> class name`` for ``data.label`` (``parent`` | ``is_cat`` | ``regex:...``) or ``label_func``.
 
@@ -81,17 +95,51 @@ def make_labeller(label: str, label_func: Callable[[Any], Any] | None, source: s
             raise ValueError("data.source='name_func' labels images by their file name: set data.label to "
                              "'is_cat' or 'regex:<pattern>' (or pass label_func=... to build_data)")
         return lambda p: p.parent.name
-    if label == "is_cat":
-        return lambda p: str(is_cat(p.name))
-    if label.startswith("regex:"):
-        rx = regex_labeller(label[len("regex:"):])
-        return lambda p: rx(p.name)
-    raise ValueError(f"config field data.label={label!r} is not valid; use 'parent', 'is_cat' or 'regex:<pattern>'")
+    if label.startswith("feature:"):
+        raise ValueError(f"config field data.label={label!r} takes a TFDS feature, but data.source={source!r} reads "
+                         "image files; use 'parent' (folder names), 'is_cat' or 'regex:<pattern>' (file names)")
+    by_name = name_labeller(label, source)
+    return lambda p: by_name(p.name)
+
+
+# torch's CPU randperm draws 32-bit numbers below this n and 64-bit ones from it on (aten randperm_cpu).
+_RANDPERM_32BIT_LIMIT = (2**32 - 1) // 20
+
+
+def _mt19937_raw(seed: int, count: int) -> np.ndarray:
+    """The first ``count`` 32-bit outputs of MT19937 seeded as ``torch.manual_seed(seed)`` seeds torch's CPU
+    generator (Matsumoto & Nishimura's ``init_genrand`` on the low 32 bits). The state is built here and the
+    twister itself is numpy's ``MT19937`` bit generator (``random_raw``); numpy's own seeding differs."""
+    key = [seed & 0xFFFFFFFF]
+    for i in range(1, 624):
+        prev = key[-1]
+        key.append((1812433253 * (prev ^ (prev >> 30)) + i) & 0xFFFFFFFF)
+    bits = np.random.MT19937()
+    bits.state = {"bit_generator": "MT19937", "state": {"key": np.array(key, np.uint32), "pos": 624}}
+    return bits.random_raw(count)
+
+
+def torch_randperm(n: int, seed: int) -> np.ndarray:
+    """``torch.manual_seed(seed); torch.randperm(n)`` on the CPU, without torch (fastai's RandomSplitter).
+
+    torch fills ``0..n-1`` and swaps position ``i`` with ``i + r_i % (n - i)`` for ``i < n-1`` (a Fisher-Yates
+    shuffle), ``r_i`` the i-th 32-bit MT19937 output. Checked against torch in tests/data/test_data_sources.py.
+    """
+    if n >= _RANDPERM_32BIT_LIMIT:
+        raise ValueError(f"a random split of {n} items is not supported: torch.randperm switches to 64-bit draws at "
+                         f"{_RANDPERM_32BIT_LIMIT} items, which jaxtl does not reproduce; use explicit splits")
+    steps = np.arange(max(n - 1, 0), dtype=np.int64)
+    targets = (_mt19937_raw(int(seed), len(steps)).astype(np.int64) % (n - steps) + steps).tolist()
+    perm = list(range(n))
+    for i, j in enumerate(targets):  # sequential swaps: each depends on the previous ones
+        perm[i], perm[j] = perm[j], perm[i]
+    return np.array(perm, np.int64)
 
 
 def random_split(n: int, valid_pct: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """fastai's RandomSplitter on ``n`` sorted items: ``(train_idx, valid_idx)``, each sorted ascending."""
-    perm = np.random.default_rng(seed).permutation(n)
+    """fastai's ``RandomSplitter(valid_pct, seed)`` on ``n`` ordered items: ``(train_idx, valid_idx)``, each
+    sorted ascending (fastai keeps them in permutation order; the sets are the same)."""
+    perm = torch_randperm(n, seed)
     cut = int(valid_pct * n)
     return np.sort(perm[cut:]), np.sort(perm[:cut])
 
@@ -107,16 +155,17 @@ class FileSplit:
     warnings: list[str] = field(default_factory=list)
 
 
-def _label_all(paths: Sequence[Path], labeller: Callable[[Path], str], where: str) -> list[tuple[str, str]]:
+def label_all(items: Sequence[Any], labeller: Callable[[Any], str], where: str) -> list[tuple[str, str]]:
+    """``[(str(item), label)]``; every item that cannot be labelled is named in one ``ValueError``."""
     out, bad = [], []
-    for p in paths:
+    for p in items:
         try:
             out.append((str(p), labeller(p)))
         except ValueError as e:
-            bad.append(f"{p.name}: {e}")
+            bad.append(f"{getattr(p, 'name', p)}: {e}")
     if bad:
         shown = "\n  ".join(bad[:10]) + (f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else "")
-        raise ValueError(f"could not label {len(bad)} of {len(paths)} image file(s) under {where}:\n  {shown}")
+        raise ValueError(f"could not label {len(bad)} of {len(items)} image file(s) under {where}:\n  {shown}")
     return out
 
 
@@ -140,13 +189,13 @@ def folder_split(
     train_dir = root / "train"
     valid_dir = next((root / d for d in VALID_DIRS if (root / d).is_dir()), None)
     if train_dir.is_dir() and valid_dir is not None:
-        train = _label_all(list_images(train_dir), labeller, str(train_dir))
-        valid = _label_all(list_images(valid_dir), labeller, str(valid_dir))
+        train = label_all(list_images(train_dir), labeller, str(train_dir))
+        valid = label_all(list_images(valid_dir), labeller, str(valid_dir))
         if not train:
             raise ValueError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {train_dir}")
         return FileSplit(train, valid, str(root), f"folders {train_dir.name}/ and {valid_dir.name}/")
     base = train_dir if train_dir.is_dir() else root
-    items = _label_all(list_images(base), labeller, str(base))
+    items = label_all(list_images(base), labeller, str(base))
     if not items:
         raise ValueError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {base} "
                          "(data.source='folder' expects <root>/<class>/<image> or <root>/{train,valid}/<class>/...)")
@@ -190,7 +239,7 @@ def name_func_split(
                 f"data.path={str(p)!r} is neither a folder nor a file list (data.source='name_func')")
     if not paths:
         raise ValueError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) in {where}")
-    items = _label_all(paths, labeller, where)
+    items = label_all(paths, labeller, where)
     train, valid = _split_list(items, valid_pct, seed)
     return FileSplit(train, valid, root, f"random valid_pct={valid_pct} split (data.seed={seed}) of {where}")
 

@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 
 from jaxtl.data import DataWarning, build_data
-from jaxtl.data.sources import folder_split, list_images, name_func_split, random_split, resolve_tfds
+from jaxtl.data.sources import (
+    folder_split,
+    list_images,
+    name_func_split,
+    random_split,
+    resolve_tfds,
+    torch_randperm,
+)
 
 PET_NAMES = ["Abyssinian_1.jpg", "Abyssinian_2.jpg", "Bengal_10.jpg", "Bengal_3.jpg",
              "great_pyrenees_173.jpg", "great_pyrenees_2.jpg", "pug_5.jpg", "pug_51.jpg", "pug_7.jpg",
@@ -24,6 +31,47 @@ def test_random_split_sizes_and_disjoint():
     assert np.array_equal(va, va2)
     _, va3 = random_split(50, 0.2, 43)
     assert not np.array_equal(va, va3)
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 17, 100, 1000, 7349, 7390])
+@pytest.mark.parametrize("seed", [0, 42, 2**31 + 7])
+def test_torch_randperm_equals_torch(n, seed):
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(seed)
+    assert torch_randperm(n, seed).tolist() == torch.randperm(n).tolist()
+
+
+def _fastai_random_splitter(valid_pct, seed):
+    """fastai 2.8's RandomSplitter, transcribed (torch is the reference)."""
+    import torch
+
+    def _inner(o):
+        torch.manual_seed(seed)
+        rand_idx = list(torch.randperm(len(o)).numpy())
+        cut = int(valid_pct * len(o))
+        return rand_idx[cut:], rand_idx[:cut]
+    return _inner
+
+
+@pytest.mark.parametrize("n,valid_pct,seed", [(7390, 0.2, 42), (7349, 0.2, 42), (245, 0.25, 0), (30, 0.3, 7)])
+def test_random_split_is_fastais_random_splitter(n, valid_pct, seed):
+    pytest.importorskip("torch")
+    items = [f"img_{i:05d}.jpg" for i in range(n)]
+    train, valid = _fastai_random_splitter(valid_pct, seed)(items)
+    tr, va = random_split(n, valid_pct, seed)
+    assert va.tolist() == sorted(valid) and tr.tolist() == sorted(train)
+
+
+def test_folder_split_validation_files_are_fastais(tmp_path, write_image):
+    """The same sorted file list gives the same validation files as fastai's RandomSplitter(0.2, seed=42)."""
+    pytest.importorskip("torch")
+    names = [f"{c}/{c}_{i}.png" for c in ("cats", "dogs") for i in range(12)]
+    for n in names:
+        write_image(tmp_path / n, fmt="PNG", size=(8, 8))
+    s = folder_split(tmp_path, valid_pct=0.2, seed=42)
+    files = sorted(str(tmp_path / n) for n in names)
+    _, valid = _fastai_random_splitter(0.2, 42)(files)
+    assert sorted(p for p, _ in s.valid) == sorted(files[i] for i in valid)
 
 
 def test_split_independent_of_creation_order(tmp_path, write_image):
