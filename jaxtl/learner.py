@@ -181,11 +181,14 @@ class Learner:
         """Ask the running fit to stop after the current step (checkpoint saved). Safe from a signal handler."""
         self._stop_requested = True
 
-    def _stop_agreed(self) -> bool:
+    def _stop_agreed(self, in_flight: Any = None) -> bool:
         """Whether to stop after this step. With several processes a signal may reach only some of them (or
         reach them at different steps), so the request is OR-ed over processes each step and all stop together
-        (one tiny collective per step; none with one process)."""
+        (one tiny collective per step; none with one process). The agreement is a collective program of its own:
+        it waits for the step ``in_flight`` first, so that it never runs beside another collective program
+        (parallel.py, "One collective program at a time")."""
         if jax.process_count() > 1:
+            jax.block_until_ready(in_flight)
             self._stop_requested = parallel.any_process(self._stop_requested)
         return self._stop_requested
 
@@ -337,7 +340,7 @@ class Learner:
                         break
                     self.timings["step"] += time.perf_counter() - t_host  # waiting for the previous step's loss
                     pending = (out["loss"], phase_step, self.global_step)
-                    if self._stop_agreed():
+                    if self._stop_agreed(out["loss"]):
                         end_reason = "interrupted"
                         break
                     if max_steps and steps_run >= max_steps and step_in_epoch < spe:
@@ -499,13 +502,16 @@ class Learner:
             return out
         t0 = time.perf_counter()
         variables = {"params": self.state.params, "batch_stats": self.state.batch_stats}
-        total = None
+        total: dict[str, float] | None = None
         for b in self.data.valid_batches():
+            # Each batch's sums are fetched (float64 on the host) before the next batch is dispatched: the eval
+            # programs carry an all-reduce and do not depend on each other, and two such programs in flight at
+            # once can deadlock XLA:CPU's in-process collectives (parallel.py, "One collective program at a time").
             sums = self._eval(variables, self.par.put_batch(b))
-            total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+            total = metrics.add_sums(total, {k: self.par.scalar(v) for k, v in sums.items()})
         if total is None:
             raise ValueError("the validation iterator yielded no batch")
-        out = metrics.summarize({k: self.par.scalar(v) for k, v in total.items()})
+        out = metrics.summarize(total)
         self.timings["validate"] += time.perf_counter() - t0
         return out
 

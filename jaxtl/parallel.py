@@ -16,6 +16,16 @@ Several processes (``jax.distributed``, :func:`initialize_distributed`): every p
 own data shard; the mesh (jit) or the pmap spans the devices of all processes, so the steps' gradient and metric
 reductions are global and the replicated state stays bitwise identical on every process. Host-side agreement
 (stop requests, gathered predictions) goes through :func:`any_process` / :func:`allgather`.
+
+One collective program at a time: a program with a cross-device collective (the train step's gradient
+all-reduce, the eval step's metric sums, :func:`allgather`) is dispatched only when every earlier collective
+program has finished or is an input of it. XLA:CPU runs each device's part of a program on its client thread
+pool as soon as that part's inputs are ready; two *independent* collective programs in flight at once (e.g. the
+eval steps of two validation batches) can each hold some of the threads while waiting in a rendezvous for the
+parts that wait for a thread, and XLA aborts after 40 s ("Expected 4 threads to join the rendezvous, but only 2
+of them arrived"). The train steps form a chain through the donated state; the Learner fetches each validation
+batch's sums before dispatching the next and waits for the step in flight before a multi-process stop agreement.
+Prediction programs have no collectives.
 """
 
 from __future__ import annotations

@@ -283,3 +283,17 @@ def test_learner_on_four_devices_jit_and_pmap():
         assert r["valid_loss"][0] == r["valid_loss"][1]
         assert r["probs_shape"] == [5, 3] and r["probs_sum_err"] < 1e-5
         assert r["lr_find_steps"] == 6 and r["stopped"] == [False, False]
+
+
+@pytest.mark.slow
+def test_many_validations_on_four_devices_do_not_deadlock():
+    """Regression for the all-reduce deadlock (tests/reliability/validate_multidevice.py): 26 validations of 12
+    batches each under jit and pmap on 4 CPU devices; the old code (all eval programs in flight at once) aborted
+    in XLA's rendezvous within ~150 such rounds on a loaded 2-core machine."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, str(here / "reliability" / "validate_multidevice.py"), "25"], env=env,
+                          capture_output=True, text=True, timeout=900, cwd=here.parent)
+    assert proc.returncode == 0 and "OK " in proc.stdout, proc.stderr[-3000:]
