@@ -25,7 +25,10 @@ eval steps of two validation batches) can each hold some of the threads while wa
 parts that wait for a thread, and XLA aborts after 40 s ("Expected 4 threads to join the rendezvous, but only 2
 of them arrived"). The train steps form a chain through the donated state; the Learner fetches each validation
 batch's sums before dispatching the next and waits for the step in flight before a multi-process stop agreement.
-Prediction programs have no collectives.
+Prediction programs have no collectives. Reading a replica never runs a program: on jax 0.10 a pmap output is a
+``NamedSharding`` array and ``x[0]`` compiles to an all-reduce, so :meth:`DataParallel.get_state` and
+:meth:`DataParallel.scalar` read the first local device's buffer instead (a pytree of ``x[0]`` calls was dozens
+of independent all-reduce programs in flight beside the next train step).
 """
 
 from __future__ import annotations
@@ -108,10 +111,12 @@ class DataParallel:
         return jax.tree.map(lambda x: jax.device_put(jnp.stack([jnp.asarray(x)] * n), self._stacked), tree)
 
     def get_state(self, tree: PyTree) -> PyTree:
-        """The single-replica view of a replicated pytree (still jax arrays; cheap under jit)."""
+        """The single-replica view of a replicated pytree (still jax arrays; cheap under jit). Under pmap: the first
+        local device's replica, read from that device alone (``x[0]`` of a stacked array compiles to a cross-device
+        all-reduce per leaf: see "One collective program at a time" above)."""
         if self.mode == "jit":
             return tree
-        return jax.tree.map(lambda x: x[0], tree)
+        return jax.tree.map(lambda x: x.addressable_data(0)[0] if isinstance(x, jax.Array) else x[0], tree)
 
     def to_host(self, tree: PyTree) -> PyTree:
         """NumPy copy of one replica (works for replicated arrays that span processes)."""
@@ -133,10 +138,9 @@ class DataParallel:
         return out
 
     def scalar(self, x: jax.Array) -> float:
-        """A replicated scalar (the loss) as a Python float (blocks until computed)."""
-        if self.mode == "pmap":
-            x = x[0]
-        return float(np.asarray(x.addressable_data(0)))
+        """A replicated scalar (the loss) as a Python float (blocks until computed). A device-to-host copy of the
+        first local replica: no program runs (``x[0]`` of a pmap output would be an all-reduce)."""
+        return float(np.asarray(x.addressable_data(0)).reshape(-1)[0])
 
     # ---- step wrapping ---------------------------------------------------------------------------------
     def train_step(self, fn: Callable[..., Any]) -> Callable[..., Any]:
