@@ -1,12 +1,8 @@
-"""jaxtl: fastai-style transfer learning in pure JAX (Flax ResNets, optax, tf.data, orbax)."""
+"""jaxtl: fastai-style transfer learning in pure JAX (Flax ResNets, optax, tf.data, orbax).
 
-import os
-
-from jaxtl.cpu_defaults import apply_cpu_defaults
-
-# TensorFlow is only the input pipeline here: keep its C++ start-up chatter (oneDNN, CPU features) off the console.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# before JAX creates its backend: XLA reads XLA_FLAGS once (jaxtl/cpu_defaults.py says which flags and why)
-apply_cpu_defaults()
+Importing jaxtl changes nothing in the process (no environment variables, no JAX configuration). Entry points
+(``jaxtl.main``, the benchmarks) call :func:`jaxtl.cpu_defaults.apply_cpu_defaults` before JAX starts its
+backend; a notebook can do the same in its first cell.
+"""
 
 __version__ = "0.1.0"

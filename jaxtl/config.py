@@ -83,6 +83,8 @@ def base_config() -> ml_collections.ConfigDict:
     m.head_dropout = 0.5
     m.zero_init_residual = False
     m.weights_dir = ""  # download cache ('' = $JAXTL_CACHE or ~/.cache/jaxtl/weights)
+    # jaxtl/models/kernels.py: auto (the CPU kernels when JAX's default backend is the CPU) | plain | cpu
+    m.kernels = "auto"
 
     c.train = t = ml_collections.ConfigDict()
     t.recipe = "fine_tune"  # fine_tune | one_cycle | lr_find
@@ -155,6 +157,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config field data.valid_pct must be in [0, 1), got {config.data.valid_pct}")
     check("model.arch", config.model.arch, ARCHS)
     check("model.head", config.model.head, ("fastai", "linear"))
+    from jaxtl.models.kernels import KERNELS
+
+    check("model.kernels", config.model.kernels, KERNELS)
 
     def numbers(field: str, value, n: int) -> None:
         ok = isinstance(value, tuple | list) and len(value) == n and all(

@@ -1,7 +1,12 @@
-"""jaxtl's default XLA CPU configuration, applied when ``jaxtl`` is imported (before JAX starts its backend).
+"""jaxtl's default XLA CPU configuration: :func:`apply_cpu_defaults`, called by ``jaxtl.main`` and the benchmarks
+before JAX starts its backend (``import jaxtl`` does not call it). In a notebook, call it in the first cell::
+
+    from jaxtl.cpu_defaults import apply_cpu_defaults
+    apply_cpu_defaults()
 
 XLA reads ``XLA_FLAGS`` once, when the first backend is created (the first computation or ``jax.devices()``),
-not at ``import jax``; so importing jaxtl first is enough, even after ``import jax``.
+not at ``import jax``; so calling it after ``import jax`` is enough. It also quiets TensorFlow's C++ start-up
+log lines (``TF_CPP_MIN_LOG_LEVEL=2`` unless set): TensorFlow is only jaxtl's input pipeline.
 
 The one flag: ``--xla_cpu_experimental_ynn_fusion_type=-individual_convolution`` runs convolutions on XLA's Eigen
 kernels instead of YNNPACK (dots and reductions stay on YNNPACK). On jaxlib 0.10.2 it makes the ResNet train
@@ -44,7 +49,9 @@ def cpu_default_flags(environ: dict[str, str] | os._Environ | None = None, jaxli
 
 def apply_cpu_defaults() -> bool:
     """Append :func:`cpu_default_flags` to ``os.environ["XLA_FLAGS"]`` unless JAX's backends already exist (then
-    the flags could no longer take effect). Returns whether anything was added."""
+    the flags could no longer take effect), and set ``TF_CPP_MIN_LOG_LEVEL=2`` unless set. Returns whether flags
+    were added."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     extra = cpu_default_flags()
     if not extra:
         return False

@@ -131,7 +131,7 @@ class Learner:
         log.info("data: %s", data.description)
         m = config.model
         model = create_model(m.arch, len(data.classes), m.head, zero_init_residual=bool(m.zero_init_residual),
-                             head_dropout=float(m.head_dropout))
+                             head_dropout=float(m.head_dropout), kernels=str(m.kernels))
         size = min(int(data.size), 64)  # parameter shapes do not depend on the image size
         key = jax.random.PRNGKey(int(config.seed))
         if m.pretrained:

@@ -114,6 +114,9 @@ def stop_on_signals(learn, received: list[int]) -> Iterator[None]:
 
 def main(argv: list[str]) -> int:
     del argv
+    from jaxtl.cpu_defaults import apply_cpu_defaults
+
+    apply_cpu_defaults()  # the process's edge: XLA CPU flags before JAX starts its backend (jaxtl/cpu_defaults.py)
     absl_logging.set_verbosity(absl_logging.WARNING)  # before JAX starts: no backend-probing INFO lines on the console
     config = _CONFIG.value
     try:

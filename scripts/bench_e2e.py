@@ -57,7 +57,7 @@ def child(args: argparse.Namespace) -> dict:
     data = build_data(c.data, c.train.batch_size, c.seed)
     t_data = time.time() - t0
     t0 = time.time()
-    model = create_model(c.model.arch, len(data.classes), c.model.head)
+    model = create_model(c.model.arch, len(data.classes), c.model.head, kernels=c.model.kernels)
 
     from jaxtl.convert import init_with_pretrained, load_pretrained
 
@@ -105,6 +105,9 @@ def cli_runs(args: argparse.Namespace) -> list[dict]:
 
 
 def main() -> int:
+    from jaxtl.cpu_defaults import apply_cpu_defaults
+
+    apply_cpu_defaults()  # as jaxtl.main, before JAX starts its backend
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=str(DEFAULT_DATA))
     ap.add_argument("--arch", default="resnet34")

@@ -114,6 +114,9 @@ def bench_step(arch: str, size: int, batch: int, iters: int) -> dict[str, float]
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from jaxtl.cpu_defaults import apply_cpu_defaults
+
+    apply_cpu_defaults()  # as jaxtl.main, before JAX starts its backend
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=None, help=f"image folder (default {DEFAULT_DATA} if present)")
     ap.add_argument("--size", type=int, default=224)

@@ -3,6 +3,7 @@
     python scripts/bench_train.py --arch resnet34 --size 224 --batch 32 [--steps 5] [--warmup 2] [--rounds 5]
         [--json out.json] [--phases unfrozen,frozen_bn,frozen_no_bn] [--precisions float32,bfloat16] [--no-torch]
         [--layouts nchw,channels_last] [--xla-flags "..."] [--variant NAME=XLA_FLAGS ...] [--threads N]
+        [--kernels auto|plain|cpu]
         [--cpu-devices N]
 
 Results, the CPU configuration study and what limits the speed: docs/performance.md.
@@ -42,7 +43,9 @@ and every variant gets a line of its own (``rows[i]["variants"]``). Use it on a 
 one after the other see different loads. Every variant (and the in-process jaxtl) runs with jaxtl's CPU defaults
 (``jaxtl/cpu_defaults.py``) unless its flags set the same XLA flag; words of the form ``NAME=VALUE`` without a
 leading ``-`` are environment variables, so ``--variant xla_defaults=JAXTL_CPU_DEFAULTS=0`` measures XLA's own
-defaults.
+defaults, except ``kernels=<set>``, which sets the variant's ``model.kernels`` (``--variant plain=kernels=plain
+--variant cpu=kernels=cpu``; ``cpu-no_barrier`` etc. leave out one CPU kernel). ``PYTHONPATH=<checkout>`` runs another
+jaxtl checkout's model and step (an A/B against an earlier commit).
 
 The JSON (``--json PATH``) has the unfrozen float32 row's figures at the top level (``jaxtl_img_s``,
 ``torch_img_s``, ``ratio``), ``frozen_no_bn_img_s`` / ``frozen_no_bn_vs_unfrozen`` (float32), every row under
@@ -67,8 +70,8 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+if str(ROOT) not in sys.path:  # appended: a variant's PYTHONPATH=<checkout> (an older jaxtl) comes first
+    sys.path.append(str(ROOT))
 
 PHASES = ("unfrozen", "frozen_bn", "frozen_no_bn")
 PRECISIONS = ("float32", "bfloat16")
@@ -284,7 +287,7 @@ class JaxtlRunner:
     """jaxtl's real train step for one phase/precision, compiled once, state donated between calls."""
 
     def __init__(self, arch: str, num_classes: int, phase: str, precision: str, images: np.ndarray,
-                 labels: np.ndarray, parallel: str = "jit") -> None:
+                 labels: np.ndarray, parallel: str = "jit", kernels: str = "auto") -> None:
         import jax
         import jax.numpy as jnp
 
@@ -299,7 +302,9 @@ class JaxtlRunner:
         dtype = jnp.bfloat16 if precision == "bfloat16" else jnp.float32
         self.dp = DataParallel(parallel)
         self.dp.check_batch_size(len(labels), "--batch")
-        model = create_model(arch, num_classes, "fastai", dtype, axis_name=self.dp.model_axis_name)
+        # "auto" is passed as no argument, so that a variant can run an older jaxtl (PYTHONPATH=...) for an A/B
+        kw = {} if kernels == "auto" else {"kernels": kernels}
+        model = create_model(arch, num_classes, "fastai", dtype, axis_name=self.dp.model_axis_name, **kw)
         variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, *images.shape[1:]), jnp.float32), False))(
             jax.random.PRNGKey(0))
         params = variables["params"]
@@ -374,6 +379,7 @@ class WorkerJaxtl:
         # are XLA flags appended to the user's XLA_FLAGS
         words = xla_flags.split()
         env_words = dict(w.split("=", 1) for w in words if not w.startswith("-") and "=" in w)
+        spec = {**spec, "kernels": env_words.pop("kernels", spec.get("kernels", "auto"))}  # model.kernels
         flags = " ".join(w for w in words if w.startswith("-") or "=" not in w)
         base = env_words.pop("XLA_FLAGS", os.environ.get("JAXTL_BENCH_USER_XLA_FLAGS", os.environ.get("XLA_FLAGS", "")))
         env = {**os.environ, **env_words, "XLA_FLAGS": (base + " " + flags).strip()}
@@ -412,15 +418,19 @@ def worker_main(spec_json: str) -> None:
     spec = json.loads(spec_json)
     import jax
 
-    import jaxtl  # noqa: F401  (jaxtl's CPU defaults, unless the variant set JAXTL_CPU_DEFAULTS=0 or the flag)
+    from jaxtl.cpu_defaults import apply_cpu_defaults
 
+    apply_cpu_defaults()  # before JAX starts: jaxtl's CPU defaults, unless the variant set JAXTL_CPU_DEFAULTS=0
+    import jaxtl
+
+    print(f"bench_train worker: jaxtl from {Path(jaxtl.__file__).parent}", file=sys.stderr, flush=True)
     if spec.get("cpu_devices"):
         jax.config.update("jax_num_cpu_devices", spec["cpu_devices"])
     rng = np.random.default_rng(0)
     images = rng.standard_normal((spec["batch"], spec["size"], spec["size"], 3), dtype=np.float32)
     labels = rng.integers(0, spec["num_classes"], spec["batch"])
     jx = JaxtlRunner(spec["arch"], spec["num_classes"], spec["phase"], spec["precision"], images, labels,
-                     spec["parallel"])
+                     spec["parallel"], spec.get("kernels", "auto"))
     jx.run(spec["warmup"])
     print("READY " + json.dumps({"compile_s": jx.compile_s, "flops": jx.flops, "xla_mem_mb": jx.xla_mem_mb,
                                  "xla_flags": os.environ.get("XLA_FLAGS", "")}),
@@ -469,7 +479,7 @@ def bench_row(args: argparse.Namespace, phase: str, precision: str, peak: PeakRS
     if args.variant:
         spec = {"arch": args.arch, "size": args.size, "batch": args.batch, "num_classes": args.num_classes,
                 "phase": phase, "precision": precision, "parallel": args.parallel, "warmup": args.warmup,
-                "cpu_devices": args.cpu_devices}
+                "cpu_devices": args.cpu_devices, "kernels": args.kernels}
         for name, flags in args.variant:  # built one after the other: no compile runs during a timed step
             contestants[f"jaxtl[{name}]"] = WorkerJaxtl(name, flags, spec)
         jx = contestants[f"jaxtl[{args.variant[0][0]}]"]
@@ -477,7 +487,8 @@ def bench_row(args: argparse.Namespace, phase: str, precision: str, peak: PeakRS
         row["jaxtl_xla_flags"] = jx.xla_flags
     else:
         with peak.window() as setup_peak:
-            jx = JaxtlRunner(args.arch, args.num_classes, phase, precision, images, labels, args.parallel)
+            jx = JaxtlRunner(args.arch, args.num_classes, phase, precision, images, labels, args.parallel,
+                             args.kernels)
             jx.run(args.warmup)
         row["jaxtl_setup_peak_rss_mb"] = setup_peak[0]
         contestants["jaxtl"] = jx
@@ -666,6 +677,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--layouts", default=",".join(LAYOUTS), help="torch layouts: nchw,channels_last")
     ap.add_argument("--no-torch", action="store_true", help="time jaxtl alone")
     ap.add_argument("--parallel", default="jit", choices=("jit", "pmap"), help="jaxtl DataParallel mode")
+    ap.add_argument("--kernels", default="auto",
+                    help="model.kernels: auto | plain | cpu, or for A/B a CPU set without one change: "
+                         "cpu-no_barrier, cpu-no_phase_dx, cpu-no_max_pool (jaxtl/models/kernels.py)")
     ap.add_argument("--xla-flags", default="", help="appended to XLA_FLAGS before JAX starts")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=XLA_FLAGS",
                     help="repeatable: run jaxtl once per variant, each in its own process under these extra "
@@ -704,7 +718,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     os.environ["JAXTL_BENCH_USER_XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "")  # variants start from these
     import jax
 
-    import jaxtl  # noqa: F401  (before JAX starts: applies jaxtl's CPU defaults, jaxtl/cpu_defaults.py)
+    from jaxtl.cpu_defaults import apply_cpu_defaults
+
+    apply_cpu_defaults()  # before JAX starts its backend (jaxtl/cpu_defaults.py)
 
     if args.cpu_devices:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)

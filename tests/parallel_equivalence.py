@@ -21,10 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxtl.cpu_defaults import apply_cpu_defaults  # noqa: E402
 from jaxtl.groups import trainable_mask
 from jaxtl.models import create_model
 from jaxtl.parallel import DataParallel
 from jaxtl.train import TrainState, make_eval_step, make_train_step
+
+apply_cpu_defaults()  # as jaxtl.main: jaxtl's XLA CPU flags before JAX starts its backend
 
 B, S, C, STEPS = 8, 32, 3, 4
 MODES = (("jit", 1), ("jit", 4), ("pmap", 4))

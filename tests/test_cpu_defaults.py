@@ -30,18 +30,35 @@ def _run(code: str, **env: str) -> str:
     return r.stdout.strip()
 
 
-def test_import_applies_the_flag_before_the_backend_starts_and_xla_accepts_it():
-    code = ("import jax, jaxtl, os, jaxtl.cpu_defaults as c\n"
-            "expected = c.cpu_default_flags({}) \n"  # what this jaxlib gets
+def test_apply_adds_the_flag_before_the_backend_starts_and_xla_accepts_it():
+    code = ("import jax, os, jaxtl.cpu_defaults as c\n"
+            "expected = c.cpu_default_flags({})\n"  # what this jaxlib gets
+            "c.apply_cpu_defaults()\n"
             "assert jax.numpy.ones(3).sum() == 3\n"  # the backend starts with the flags (XLA aborts on bad ones)
             "import json; print(json.dumps([os.environ.get('XLA_FLAGS', ''), expected]))")
     flags, expected = json.loads(_run(code))
     assert (expected in flags) if expected else flags == ""
-    keep = _run("import jaxtl, os; print(os.environ['XLA_FLAGS'])",
+    keep = _run("import jaxtl.cpu_defaults as c, os; c.apply_cpu_defaults(); print(os.environ['XLA_FLAGS'])",
                 XLA_FLAGS="--xla_force_host_platform_device_count=2")
     assert keep.startswith("--xla_force_host_platform_device_count=2")
 
 
 def test_not_applied_once_the_backend_exists():
-    code = "import jax; jax.devices(); import jaxtl, os; print(repr(os.environ.get('XLA_FLAGS', '')))"
+    code = ("import jax; jax.devices(); import jaxtl.cpu_defaults as c, os; c.apply_cpu_defaults(); "
+            "print(repr(os.environ.get('XLA_FLAGS', '')))")
     assert eval(_run(code)) == ""
+
+
+def test_importing_jaxtl_leaves_the_environment_and_jax_config_unchanged():
+    """No side effects on import: os.environ and JAX's configuration are as before importing every jaxtl module
+    a user touches (the CLI's included); jaxtl.main's main() is what applies the CPU defaults."""
+    code = ("import os, json, jax\n"
+            "before_env = dict(os.environ)\n"
+            "before_cfg = {k: str(v) for k, v in jax.config.values.items()}\n"
+            "import jaxtl, jaxtl.models, jaxtl.train, jaxtl.learner, jaxtl.optim, jaxtl.parallel, jaxtl.main\n"
+            "import jaxtl.predict, jaxtl.convert, jaxtl.run_setup, jaxtl.cpu_defaults, jaxtl.models.kernels\n"
+            "after_cfg = {k: str(v) for k, v in jax.config.values.items()}\n"
+            "print(json.dumps([sorted(set(os.environ.items()) ^ set(before_env.items())),\n"
+            "                  sorted(k for k in after_cfg if after_cfg[k] != before_cfg.get(k))]))")
+    env_diff, cfg_diff = json.loads(_run(code))
+    assert env_diff == [] and cfg_diff == []

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 
 import jax
@@ -98,15 +97,15 @@ def test_frozen_body_split_matches_full_graph_and_skips_body_backward(setup):
         tx = masked_adam(m)
         state = TrainState.create(variables["params"], variables["batch_stats"], tx, jax.random.PRNGKey(1))
         hlo = jax.jit(make_train_step(model, tx, m)).lower(state, batches[0]).as_text()
-        # convs on maps smaller than the kernel are im2col matmuls on CPU (jaxtl/models/conv.py): dot_generals
+        # convs on maps smaller than the kernel are im2col matmuls on CPU (jaxtl/models/kernels.py): dot_generals
         # with a 4-D operand, which the head's (2-D) matmuls never have
         im2col = len(re.findall(r"stablehlo\.dot_general .*: \(tensor<\d+x\d+x\d+x\d+x", hlo))
         return hlo.count("stablehlo.convolution") + im2col
 
     n_body_convs = 1 + 8 * 2 + 3  # stem + 8 basic blocks x 2 + 3 downsample convs
     # on CPU, layer2_0.conv1 (8x8 -> 4x4, stride 2; the later stride-2 convs are im2col at 32 px) computes its
-    # input gradient as 4 phase convs instead of 1 (jaxtl/models/conv.py::stride2_input_grad)
-    phase = 3 if jax.default_backend() == "cpu" and os.environ.get("JAXTL_PHASE_DX", "1") != "0" else 0
+    # input gradient as 4 phase convs instead of 1 (jaxtl/models/kernels.py::stride2_input_grad)
+    phase = 3 if jax.default_backend() == "cpu" else 0  # the model is create_model's default (kernels="auto")
     assert n_convs(mask) == n_body_convs  # forward only
     # freeze() with train_bn: input gradients through the body (for its BN params), no conv weight gradients
     assert n_convs(trainable_mask(variables["params"], -1, True)) == 2 * n_body_convs - 1 + phase
@@ -162,3 +161,31 @@ def test_bfloat16_compute_keeps_float32_params_and_opt_state(setup):
     for x in jax.tree.leaves((state.params, state.opt_state, state.batch_stats)):
         if jnp.issubdtype(x.dtype, jnp.floating):
             assert x.dtype == jnp.float32
+
+
+def test_jvp_and_vmap_through_the_plain_model_train_step():
+    """With model.kernels="plain" the full train step is plain JAX: forward-mode AD through it (the change of the
+    updated parameters along a tangent of the input parameters, checked against a finite difference) and vmap over
+    a stack of batches (equal to running each batch alone)."""
+    model = create_model("resnet18", C, "fastai", head_dropout=0.0, kernels="plain")
+    v = model.init(jax.random.PRNGKey(0), jnp.zeros((1, S, S, 3)), train=False)
+    rs = np.random.RandomState(1)
+    batches = [{"image": rs.randn(B, S, S, 3).astype(np.float32), "label": rs.randint(0, C, B).astype(np.int32)}
+               for _ in range(2)]
+    mask = trainable_mask(v["params"], 0, True)
+    tx = optax.sgd(1e-2)
+    state = TrainState.create(v["params"], v["batch_stats"], tx, jax.random.PRNGKey(1))
+    step = make_train_step(model, tx, mask)
+    head = lambda p: p["head"]["fc2"]["kernel"]
+    new_head = lambda p: head(step(state.replace(params=p), batches[0])[0].params)
+    t = jax.tree.map(jnp.zeros_like, v["params"])
+    t["head"]["fc2"]["kernel"] = jnp.ones_like(head(v["params"]))
+    with jax.default_matmul_precision("highest"):
+        _, tangent = jax.jvp(new_head, (v["params"],), (t,))
+        eps = 1e-3
+        bumped = jax.tree.map(lambda p, d: p + eps * d, v["params"], t)
+        fd = (new_head(bumped) - new_head(v["params"])) / eps
+    np.testing.assert_allclose(tangent, fd, atol=2e-2 * float(jnp.abs(fd).max()))  # float32 finite difference
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *batches)
+    losses = jax.vmap(lambda b: step(state, b)[1]["loss"])(stacked)
+    np.testing.assert_allclose(losses, [step(state, b)[1]["loss"] for b in batches], rtol=1e-5)

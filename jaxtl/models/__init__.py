@@ -1,6 +1,7 @@
 """Flax ResNets with torchvision's layout and fastai/torchvision heads.
 
-``create_model(arch, num_classes, head="fastai"|"linear", dtype=jnp.float32)`` returns a linen module::
+``create_model(arch, num_classes, head="fastai"|"linear", dtype=jnp.float32, kernels="auto")`` returns a linen
+module (``kernels``: ``jaxtl/models/kernels.py``, the only hardware-specific code of the model)::
 
     variables = model.init(rng, images_nhwc, train=False)          # {"params", "batch_stats"}
     logits = model.apply(variables, images_nhwc, train=False)       # (N, num_classes) float32
@@ -13,6 +14,7 @@ Two extra methods split the forward pass, e.g. to run a frozen body without its 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -20,8 +22,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxtl.models.heads import FastaiHead, LinearHead, concat_pool
+from jaxtl.models.kernels import KERNELS, PLAIN, KernelSet, kernel_set
 from jaxtl.models.norm import BatchNorm
-from jaxtl.models.resnet import ARCHS, ResNetBody, feature_dim
+from jaxtl.models.resnet import ARCHS, ModuleDef, ResNetBody, feature_dim
 
 HEADS = ("fastai", "linear")
 
@@ -36,9 +39,12 @@ class ResNet(nn.Module):
     zero_init_residual: bool = False
     head_dropout: float = 0.5
     axis_name: str | None = None
+    conv: ModuleDef = nn.Conv  # kernels (jaxtl/models/kernels.py): filled by create_model from model.kernels
+    max_pool: Callable[[jax.Array], jax.Array] = PLAIN.max_pool
 
     def setup(self) -> None:
-        self.body = ResNetBody(self.arch, self.zero_init_residual, self.dtype, self.axis_name)
+        self.body = ResNetBody(self.arch, self.zero_init_residual, self.dtype, self.axis_name, self.conv,
+                               self.max_pool)
         if self.head_kind == "fastai":
             self.head = FastaiHead(self.num_classes, dropout=self.head_dropout, dtype=self.dtype,
                                    axis_name=self.axis_name)
@@ -64,15 +70,19 @@ def create_model(
     zero_init_residual: bool = False,
     head_dropout: float = 0.5,
     axis_name: str | None = None,
+    kernels: str | KernelSet = "auto",
 ) -> ResNet:
-    """Build a ResNet; ``dtype`` is the compute precision (parameters stay float32)."""
+    """Build a ResNet; ``dtype`` is the compute precision (parameters stay float32); ``kernels`` is
+    ``model.kernels`` (``"auto"``: the CPU kernels when JAX's default backend is the CPU) or a ``KernelSet``."""
     if arch not in ARCHS:
         raise ValueError(f"model.arch={arch!r} is not known; choose one of {sorted(ARCHS)}")
     if head not in HEADS:
         raise ValueError(f"model.head={head!r} is not known; choose one of {list(HEADS)}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    return ResNet(arch, num_classes, head, dtype, zero_init_residual, head_dropout, axis_name)
+    ks = kernel_set(kernels)
+    return ResNet(arch, num_classes, head, dtype, zero_init_residual, head_dropout, axis_name, ks.conv,
+                  ks.max_pool)
 
 
 def count_params(params: Any) -> int:
@@ -81,6 +91,6 @@ def count_params(params: Any) -> int:
 
 
 __all__ = [
-    "ARCHS", "HEADS", "BatchNorm", "FastaiHead", "LinearHead", "ResNet", "ResNetBody", "concat_pool",
-    "count_params", "create_model", "feature_dim",
+    "ARCHS", "HEADS", "KERNELS", "BatchNorm", "FastaiHead", "KernelSet", "LinearHead", "ResNet", "ResNetBody",
+    "concat_pool", "count_params", "create_model", "feature_dim", "kernel_set",
 ]

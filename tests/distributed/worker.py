@@ -24,6 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxtl.cpu_defaults import apply_cpu_defaults  # noqa: E402
+
+apply_cpu_defaults()  # as jaxtl.main: jaxtl's XLA CPU flags before JAX starts its backend
+
 HERE = Path(__file__).resolve().parent
 CONFIG = HERE / "config.py"
 N_TRAIN, N_VALID, SIDE = 24, 7, 40

@@ -1,9 +1,11 @@
-"""The ResNets' conv: im2col for maps smaller than the kernel (CPU) equals lax.conv_general_dilated, values and
-gradients; larger maps keep XLA's convolution; the fusion barrier before every conv changes no value and stops XLA
-from recomputing conv inputs inside the weight gradient's transposes."""
+"""jaxtl/models/kernels.py: the CPU kernel set equals JAX's plain ops. im2col for maps smaller than the kernel equals
+lax.conv_general_dilated, values and gradients; larger maps keep XLA's convolution; the fusion barrier before every
+conv changes no value and stops XLA from recomputing conv inputs inside the weight gradient's transposes; the
+stride-2 phase input gradient and the max-pool backward equal lax's; the model is plain unless asked."""
 
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +13,8 @@ import pytest
 from jax import lax
 from jax.extend.core import jaxprs_in_params
 
-from jaxtl.models.conv import conv_general_dilated, fusion_barrier, im2col_conv
+from jaxtl.models.kernels import cpu_conv_general_dilated as conv_general_dilated
+from jaxtl.models.kernels import fusion_barrier, im2col_conv
 
 DN = ("NHWC", "HWIO", "NHWC")
 # (input side, Cin, Cout, kernel, stride): layer4 on 64 px and 32 px images, layer4's stride-2 conv, a stem on a
@@ -55,12 +58,11 @@ def test_fusion_barrier_is_the_identity_for_values_and_gradients():
         np.testing.assert_array_equal(g, r)
 
 
-def _transposed_input_fusions(monkeypatch, barrier: str, batch: int = 4) -> list[int]:
+def _transposed_input_fusions(kernels: str, batch: int = 4) -> list[int]:
     """Operand counts of the compiled gradient's fusions that build a conv input in ``[C, H, W, N]`` layout."""
     from jaxtl.models import create_model
 
-    monkeypatch.setenv("JAXTL_CONV_BARRIER", barrier)  # read when the model is traced
-    m = create_model("resnet18", 3, "fastai", head_dropout=0.0)
+    m = create_model("resnet18", 3, "fastai", head_dropout=0.0, kernels=kernels)
     x = jnp.asarray(np.random.default_rng(0).random((batch, 64, 64, 3)), jnp.float32)
     v = m.init(jax.random.PRNGKey(0), x[:1], train=False)
 
@@ -74,39 +76,48 @@ def _transposed_input_fusions(monkeypatch, barrier: str, batch: int = 4) -> list
             if m and int(m.group(2)) == batch and int(m.group(1)) != batch]
 
 
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the barrier is applied on the CPU backend only")
-def test_weight_gradient_transposes_read_the_stored_conv_input(monkeypatch):
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's fusion behaviour")
+def test_weight_gradient_transposes_read_the_stored_conv_input():
     """With the barrier each transposed conv input is a copy of one buffer; without it XLA recomputes the BatchNorm /
     ReLU / shortcut chain inside the transpose (that case is checked too, so the test can tell them apart)."""
-    with_barrier = _transposed_input_fusions(monkeypatch, "1")
+    with_barrier = _transposed_input_fusions("cpu")
     assert with_barrier and max(with_barrier) == 1, with_barrier
-    without = _transposed_input_fusions(monkeypatch, "0")
+    without = _transposed_input_fusions("cpu-no_barrier")
     assert max(without) > 3, f"XLA no longer recomputes conv inputs ({without}): re-measure the barrier's use"
 
 
-def test_conv_values_and_gradients_do_not_depend_on_the_barrier(monkeypatch):
+@pytest.mark.parametrize("kernels", ["cpu", "cpu-no_barrier", "cpu-no_phase_dx", "cpu-no_max_pool"])
+def test_cpu_kernels_equal_plain_in_values_and_gradients(kernels):
+    """The whole model (ResNet-18, 40 px: im2col in layer4, phase gradients in layer2/3, the pool backward) with
+    each CPU set equals the plain model: loss to 1e-6 relative, every gradient to 1e-5 of its largest entry
+    (float32 sums in another order), BatchNorm statistics likewise. Linear head and batch 4: the fastai head's
+    BatchNorm over 2 examples amplifies float32 rounding of the body 100-fold (2.5e-3 measured), which would hide
+    nothing but make the comparison loose."""
     from jaxtl.models import create_model
 
-    m = create_model("resnet18", 3, "fastai", head_dropout=0.0)
-    x = jnp.asarray(np.random.default_rng(3).random((2, 40, 40, 3)), jnp.float32)
-    v = m.init(jax.random.PRNGKey(0), x[:1], train=False)
+    x = jnp.asarray(np.random.default_rng(3).random((4, 40, 40, 3)), jnp.float32)
 
-    def grads(flag):
-        monkeypatch.setenv("JAXTL_CONV_BARRIER", flag)
-        f = lambda p: (m.apply({"params": p, "batch_stats": v["batch_stats"]}, x, train=True,
-                               mutable=["batch_stats"])[0] ** 2).sum()
-        return jax.jit(jax.value_and_grad(f))(v["params"])
+    def run(k):
+        m = create_model("resnet18", 3, "linear", kernels=k)
+        v = m.init(jax.random.PRNGKey(0), x[:1], train=False)
 
-    (l1, g1), (l0, g0) = grads("1"), grads("0")
+        def f(p):
+            y, upd = m.apply({"params": p, "batch_stats": v["batch_stats"]}, x, train=True, mutable=["batch_stats"])
+            return (y ** 2).sum(), upd
+        with jax.default_matmul_precision("highest"):
+            return jax.jit(jax.value_and_grad(f, has_aux=True))(v["params"])
+
+    (l1, s1), g1 = run(kernels)
+    (l0, s0), g0 = run("plain")
     np.testing.assert_allclose(l1, l0, rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):  # fusion may reorder float32 sums
+    for a, b in zip(jax.tree.leaves((g1, s1)), jax.tree.leaves((g0, s0)), strict=True):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * float(jnp.abs(b).max()) + 1e-12)
 
 
-def _primitives(h, k, s):
+def _primitives(h, k, s, **kw):
     x = jnp.zeros((2, h, h, 8))
     w = jnp.zeros((k, k, 8, 8))
-    f = lambda x, w: conv_general_dilated(x, w, (s, s), ((k // 2, k // 2),) * 2, dimension_numbers=DN)
+    f = lambda x, w: conv_general_dilated(x, w, (s, s), ((k // 2, k // 2),) * 2, dimension_numbers=DN, **kw)
     return _names(jax.make_jaxpr(f)(x, w).jaxpr)
 
 
@@ -132,7 +143,7 @@ def test_stem_max_pool_values_and_gradients_equal_reduce_window_bitwise(shape):
     """The custom backward (first maximum of each window gets the gradient) is reduce_window's, ties included."""
     import flax.linen as nn
 
-    from jaxtl.models.resnet import max_pool_3x3_s2
+    from jaxtl.models.kernels import cpu_max_pool as max_pool_3x3_s2
 
     rng = np.random.default_rng(1)
     x = np.maximum(rng.normal(size=shape), 0).astype(np.float32)  # ReLU output: many tied zeros
@@ -155,7 +166,7 @@ STRIDE2 = [(8, 8, 4, 6, 3), (7, 7, 3, 5, 3), (16, 11, 4, 4, 3), (9, 7, 3, 4, 7),
 def test_stride2_conv_input_gradient_by_phases_matches_lax(h, w_, cin, cout, k):
     """The stride-2 conv's input gradient computed phase by phase equals lax's transposed conv (float32 sums in
     another order: 1e-5 of the largest entry), and the conv's value and weight gradient are unchanged."""
-    from jaxtl.models.conv import stride2_conv, stride2_input_grad
+    from jaxtl.models.kernels import stride2_conv, stride2_input_grad
 
     rng = np.random.default_rng(4)
     x = jnp.asarray(rng.normal(size=(2, h, w_, cin)).astype(np.float32))
@@ -175,11 +186,50 @@ def test_stride2_conv_input_gradient_by_phases_matches_lax(h, w_, cin, cout, k):
     np.testing.assert_array_equal(dw2, dw_ref)
 
 
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the phase input gradient is used on the CPU backend only")
-def test_stride2_convs_take_the_phase_gradient_and_others_do_not(monkeypatch):
+def test_stride2_convs_take_the_phase_gradient_and_others_do_not():
     """ResNet's stride-2 kxk convs (k > 1) use it, 1x1 shortcut convs and stride-1 convs keep lax's own;
-    JAXTL_PHASE_DX=0 (for A/B benchmarks) turns it off."""
+    phase_dx=False (the cpu-no_phase_dx set, for A/B benchmarks) turns it off."""
     assert "custom_vjp_call" in _primitives(14, 3, 2)
     assert "custom_vjp_call" not in _primitives(14, 1, 2) and "custom_vjp_call" not in _primitives(8, 3, 1)
-    monkeypatch.setenv("JAXTL_PHASE_DX", "0")
-    assert "custom_vjp_call" not in _primitives(14, 3, 2)
+    assert "custom_vjp_call" not in _primitives(14, 3, 2, phase_dx=False)
+
+
+def test_kernel_sets_and_auto():
+    from jaxtl.models import create_model, kernel_set
+
+    assert kernel_set("plain").name == "plain" and kernel_set("cpu").name == "cpu"
+    assert kernel_set("auto").name == ("cpu" if jax.default_backend() == "cpu" else "plain")
+    assert kernel_set("cpu-no_barrier").name == "cpu-no_barrier"
+    with pytest.raises(ValueError, match="model.kernels='gpu'.*'auto', 'plain', 'cpu'"):
+        kernel_set("gpu")
+    plain = create_model("resnet18", 3, kernels="plain")
+    assert plain.conv is nn.Conv and "plain.max_pool" in repr(plain)  # JAX's own ops
+    assert "cpu.conv" in repr(create_model("resnet18", 3, kernels="cpu"))  # stable reprs (compiled-step keys)
+
+
+def _train_loss(kernels: str):
+    from jaxtl.models import create_model
+
+    m = create_model("resnet18", 3, "linear", kernels=kernels)
+    x = jnp.asarray(np.random.default_rng(5).random((2, 32, 32, 3)), jnp.float32)
+    v = m.init(jax.random.PRNGKey(0), x[:1], train=False)
+
+    def loss(p, x):
+        y, _ = m.apply({"params": p, "batch_stats": v["batch_stats"]}, x, train=True, mutable=["batch_stats"])
+        return (y ** 2).mean()
+    return loss, v["params"], x
+
+
+def test_plain_model_supports_jvp_and_vmap():
+    """Forward-mode AD and vmap go through the plain model (the CPU max-pool is a custom_vjp: jvp fails there)."""
+    loss, p, x = _train_loss("plain")
+    t = jax.tree.map(jnp.ones_like, p)
+    val, tan = jax.jvp(lambda p: loss(p, x), (p,), (t,))
+    g = jax.grad(loss)(p, x)
+    np.testing.assert_allclose(tan, sum(float((a * b).sum()) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(t),
+                                                                                strict=True)), rtol=1e-3)
+    per_example = jax.vmap(lambda xi: loss(p, xi[None]))(x)
+    np.testing.assert_allclose(per_example, [loss(p, x[:1]), loss(p, x[1:])], rtol=1e-5)
+    cpu_loss, p2, _ = _train_loss("cpu")
+    with pytest.raises(TypeError):
+        jax.jvp(lambda p: cpu_loss(p, x), (p2,), (t,))

@@ -15,6 +15,10 @@ from pathlib import Path
 import jax
 from PIL import Image
 
+from jaxtl.cpu_defaults import apply_cpu_defaults  # noqa: E402
+
+apply_cpu_defaults()  # as jaxtl.main: jaxtl's XLA CPU flags before JAX starts its backend
+
 
 def image_folder(root: Path, train: dict[str, int], valid: dict[str, int]) -> Path:
     for split, counts in (("train", train), ("valid", valid)):

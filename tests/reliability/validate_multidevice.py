@@ -23,8 +23,11 @@ import jax.numpy as jnp  # noqa: E402
 from tiny_data import TinyBundle  # noqa: E402
 
 from jaxtl.config import base_config  # noqa: E402
+from jaxtl.cpu_defaults import apply_cpu_defaults  # noqa: E402
 from jaxtl.learner import Learner  # noqa: E402
 from jaxtl.models import create_model  # noqa: E402
+
+apply_cpu_defaults()  # as jaxtl.main: jaxtl's XLA CPU flags before JAX starts its backend
 
 
 def main(rounds: int) -> None:
