@@ -106,7 +106,6 @@ def base_config() -> ml_collections.ConfigDict:
     t.checkpoint = True
     t.max_steps = 0  # stop each fit after this many steps (0 = no limit; for smoke tests)
     t.compile_cache_dir = ""  # JAX persistent compilation cache ('' = ~/.cache/jaxtl/xla)
-    t.step_cache = True  # also keep the traced + compiled steps there (jaxtl/step_cache.py): warm starts skip tracing
     t.distributed = False  # call jax.distributed.initialize() (multi-host)
 
     c.optim = o = ml_collections.ConfigDict()
@@ -138,6 +137,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 + (f" (did you mean {hint[0]!r}?)" if hint else "")
             )
 
+    extra = sorted(set(field_paths(config)) - set(field_paths(base_config())))
+    if extra:  # a config file can add attributes to the unlocked ConfigDict; nothing would read them
+        valid = field_paths(base_config())
+        hints = [f"{f} (did you mean {closest(f, valid)[0]}?)" if closest(f, valid) else f for f in extra]
+        raise ValueError(f"config field(s) {', '.join(hints)} do not exist, so nothing would read them; the fields "
+                         "are listed in jaxtl/config.py and the README's 'Config fields' table")
     check("data.source", config.data.source, SOURCES)
     check("train.recipe", config.train.recipe, RECIPES)
     check("optim.name", config.optim.name, OPTIMIZERS)

@@ -6,7 +6,8 @@ before JAX starts its backend (``import jaxtl`` does not call it). In a notebook
 
 XLA reads ``XLA_FLAGS`` once, when the first backend is created (the first computation or ``jax.devices()``),
 not at ``import jax``; so calling it after ``import jax`` is enough. It also quiets TensorFlow's C++ start-up
-log lines (``TF_CPP_MIN_LOG_LEVEL=2`` unless set): TensorFlow is only jaxtl's input pipeline.
+log lines (``TF_CPP_MIN_LOG_LEVEL=2`` and ``TF_ENABLE_ONEDNN_OPTS=0`` unless set): TensorFlow is only jaxtl's
+input pipeline.
 
 The one flag: ``--xla_cpu_experimental_ynn_fusion_type=-individual_convolution`` runs convolutions on XLA's Eigen
 kernels instead of YNNPACK (dots and reductions stay on YNNPACK). On jaxlib 0.10.2 it makes the ResNet train
@@ -49,9 +50,13 @@ def cpu_default_flags(environ: dict[str, str] | os._Environ | None = None, jaxli
 
 def apply_cpu_defaults() -> bool:
     """Append :func:`cpu_default_flags` to ``os.environ["XLA_FLAGS"]`` unless JAX's backends already exist (then
-    the flags could no longer take effect), and set ``TF_CPP_MIN_LOG_LEVEL=2`` unless set. Returns whether flags
-    were added."""
+    the flags could no longer take effect), and set ``TF_CPP_MIN_LOG_LEVEL=2`` / ``TF_ENABLE_ONEDNN_OPTS=0`` unless
+    set. Returns whether flags were added."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # TensorFlow 2.21 prints its oneDNN banner twice at import (from two libraries, before its log level is read);
+    # only TF_ENABLE_ONEDNN_OPTS=0 silences it. Its oneDNN custom ops replace TF's matmul / conv kernels, which
+    # jaxtl's input pipeline (decode, resize, affine warp, casts) never runs.
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     extra = cpu_default_flags()
     if not extra:
         return False

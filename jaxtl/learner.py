@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxtl import groups, metrics, parallel, progress, schedules, step_cache
+from jaxtl import groups, metrics, parallel, progress, schedules
 from jaxtl.checkpoint import Checkpointer
 from jaxtl.train import TrainState, make_eval_step, make_predict_step, make_train_step
 
@@ -102,9 +102,8 @@ class Learner:
         if self.workdir is not None and bool(t.checkpoint):
             self._ckpt = Checkpointer(self.workdir)
         self._logger = progress.HistoryLogger(self.workdir, enabled=self.is_main) if self.workdir else None
-        self._eval = self._cached(self.par.eval_step(make_eval_step(self.model, axis_name=self.par.model_axis_name)),
-                                  "eval", {})
-        self._predict = self._cached(self.par.predict_step(make_predict_step(self.model)), "predict", {})
+        self._eval = self.par.eval_step(make_eval_step(self.model, axis_name=self.par.model_axis_name))
+        self._predict = self.par.predict_step(make_predict_step(self.model))
         self._train_step: Any = None
         # Wall seconds by activity over the Learner's life (for scripts/bench_e2e.py): waiting for the input
         # pipeline, the first step of each phase (trace + compile or cache load), later steps, validation.
@@ -145,16 +144,6 @@ class Learner:
         if m.pretrained:
             learn.freeze()
         return learn
-
-    def _cached(self, jitted: Any, name: str, description: dict[str, Any]) -> Any:
-        """``jitted`` behind the on-disk step cache (``train.step_cache``, in JAX's compilation cache dir) when its
-        key can be complete: sharded jit in one process and a jaxtl model. ``description`` must hold every other
-        Python value the step closes over; the model's repr is added here."""
-        directory = step_cache.default_directory()
-        if (not bool(self.config.train.step_cache) or directory is None or self.par.mode != "jit"
-                or jax.process_count() > 1 or not step_cache.defined_in_jaxtl(self.model)):
-            return jitted
-        return step_cache.StepCache(jitted, name, {"model": repr(self.model), **description}, directory)
 
     # ------------------------------------------------------------------------------------------ freezing
     def freeze_to(self, n: int) -> None:
@@ -290,12 +279,8 @@ class Learner:
             self._prepare_opt_state(tx)
             self._smooth.reset()  # fastai resets the smoothed loss at each fit
         mask = groups.trainable_mask(self.variables["params"], self.n_frozen_groups, bool(self.config.train.train_bn))
-        t = self.config.train
-        self._train_step = self._cached(
-            self.par.train_step(make_train_step(self.model, tx, mask, axis_name=self.par.model_axis_name)), "train",
-            {"optim": self.config.optim.to_dict(), "n_frozen_groups": self.n_frozen_groups,
-             "train_bn": bool(t.train_bn), "reset_opt_on_freeze": bool(t.reset_opt_on_freeze),  # tx and mask
-             "one_cycle": [total, list(lrs), div, div_final, pct_start, list(moms)]})  # the schedules in tx
+        self._train_step = self.par.train_step(make_train_step(self.model, tx, mask,
+                                                               axis_name=self.par.model_axis_name))
         ctx = {"phase": phase, "epochs": epochs, "lrs": head_lrs, "spe": spe}
         with self._sigint_to_stop():
             return self._train_epochs(ctx, start_epoch, start_step)
@@ -570,8 +555,8 @@ class Learner:
     def lr_find(self, start_lr: float = 1e-7, end_lr: float = 10.0, num_it: int = 100, stop_div: bool = True,
                 show_plot: bool = True) -> LRFindResult:
         """fastai's ``lr_find``: exponential lr sweep (same lr for every group, momentum 0.9, a fresh optimiser
-        state), stopping when the smoothed loss exceeds 4x its minimum (or is not finite). Weights, BatchNorm
-        statistics, optimiser state and RNG are restored afterwards and the data order is untouched. Returns
+        state), stopping when the smoothed loss exceeds 4x its minimum (``schedules.lr_find_diverged``). Weights,
+        BatchNorm statistics, optimiser state and RNG are restored afterwards and the data order is untouched. Returns
         fastai's ``valley`` suggestion; saves ``lr_find.png`` in the work dir."""
         self._begin(False)
         sched = schedules.lr_find_schedule(start_lr, end_lr, num_it)
@@ -603,9 +588,9 @@ class Learner:
                         lrs.append(lr)
                         losses.append(smooth.value)
                         bar.update(smooth.value, lr)
-                        if math.isfinite(smooth.value) and smooth.value < best:
+                        if smooth.value < best:  # NaN < x is False: as fastai, a NaN is never the best
                             best = smooth.value
-                        diverged = not math.isfinite(smooth.value) or smooth.value > 4 * best
+                        diverged = schedules.lr_find_diverged(smooth.value, best)
                         if (stop_div and diverged) or it >= n_it or self._stop_agreed():
                             break
                     else:

@@ -150,15 +150,6 @@ def lr_find_schedule(start_lr: float = 1e-7, end_lr: float = 10.0, num_it: int =
     return lambda step: jnp.exp(log_start + log_ratio * jnp.asarray(step, jnp.float32) / num_it)
 
 
-def smooth_losses(losses: Sequence[float], beta: float = 0.98) -> list[float]:
-    """fastai's ``AvgSmoothLoss``: ``a_k = beta a_{k-1} + (1 - beta) loss_k``, reported as ``a_k / (1 - beta^k)``."""
-    avg, out = 0.0, []
-    for k, loss in enumerate(losses, start=1):
-        avg = beta * avg + (1 - beta) * float(loss)
-        out.append(avg / (1 - beta**k))
-    return out
-
-
 def lr_find_diverged(smooth_loss: float, best_loss: float) -> bool:
     """fastai's stop rule (``stop_div``): the smoothed loss exceeds 4x the best smoothed loss so far.
 

@@ -31,6 +31,16 @@ def test_issue_contract_fields_exist():
         assert f in fields, f
 
 
+def test_a_config_file_adding_a_field_nothing_reads_is_rejected():
+    cfg = load_config("demo")
+    cfg.train.step_cache = False  # removed field (the step cache went): a config file may still set it
+    cfg.optim.weight_decay = 0.1  # misspelling of optim.wd
+    with pytest.raises(ValueError) as e:
+        validate(cfg)
+    assert "train.step_cache" in str(e.value) and "optim.weight_decay" in str(e.value)
+    assert "did you mean" in str(e.value)
+
+
 def test_misspelled_override_is_rejected_with_closest_names():
     check_override_names(["--config.optim.name=lamb", "--config.train.lr=1e-3", "--workdir=x"])
     with pytest.raises(ValueError, match=r"--config\.optim\.nmae \(did you mean optim\.name"):

@@ -14,8 +14,9 @@ TINY = ["--config.data.demo_images=12", "--config.data.size=32", "--config.train
         "--config.train.epochs=1", "--config.train.freeze_epochs=1", "--config.train.max_steps=2"]
 
 
-def run_cli(module: str, *args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, **(env or {})}
+def run_cli(module: str, *args: str, env: dict | None = None, timeout: int = 600,
+            unset: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in {**os.environ, **(env or {})}.items() if k not in unset}
     return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env=full_env)
 
@@ -47,9 +48,14 @@ def test_wrong_values_and_types_name_the_field(override, message, tmp_path):
 def test_demo_run_leaves_table_history_plots_and_a_model_that_predicts(tmp_path):
     env = {"JAXTL_CACHE": str(tmp_path / "cache"), "JAXTL_CACHE_DIR": str(tmp_path / "cache")}
     work = tmp_path / "run"
+    # as a user's shell: none of the variables tests/conftest.py (apply_cpu_defaults) set for the test process
     r = run_cli("jaxtl.main", "--config", "configs/demo.py", *TINY, f"--workdir={work}",
-                f"--config.train.compile_cache_dir={tmp_path / 'xla'}", env=env)
+                f"--config.train.compile_cache_dir={tmp_path / 'xla'}", env=env,
+                unset=("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS", "XLA_FLAGS"))
     assert r.returncode == 0, r.stderr[-3000:]
+    console = r.stdout + r.stderr  # jaxtl's own lines only: no TensorFlow / absl / oneDNN start-up lines
+    for noise in ("oneDNN", "absl::InitializeLog", "cpu_feature_guard", "port.cc", "I0000"):
+        assert noise not in console, (noise, console[:2000])
     assert "train_loss" in r.stdout and "valid_loss" in r.stdout and "error_rate" in r.stdout
     with open(work / "history.csv") as f:
         rows = list(csv.DictReader(f))

@@ -46,7 +46,7 @@ def test_a_second_from_config_process_compiles_nothing_again(tmp_path):
     requests, misses = "/jax/compilation_cache/compile_requests_use_cache", "/jax/compilation_cache/cache_misses"
     assert first.get(requests, 0) > 0 and first.get(misses, 0) > 0  # the persistent cache is on, and filled
     second = _run(tmp_path, "w2")
-    assert second.get(misses, 0) == 0, second  # every program came from the cache (or jaxtl's step cache)
+    assert second.get(misses, 0) == 0, second  # every program came from JAX's persistent cache
     assert any(Path(tmp_path / "xla").iterdir())
     log = (tmp_path / "w2" / "train.log").read_text()
     assert "data: " in log and "random valid_pct=0.25 split" in log  # the run's description line

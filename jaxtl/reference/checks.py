@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxtl import optim, schedules
+from jaxtl import metrics, optim, schedules
 from jaxtl.config import base_config
 from jaxtl.reference import optimizers as ref_opt
 from jaxtl.reference import schedules as ref_sched
@@ -360,7 +360,8 @@ def schedule_checks(n_steps: int = 1000) -> list[CheckResult]:
             losses = 2.3 - 1.5 * np.exp(-((x - 0.6) / 0.2) ** 2) + np.exp(12 * (x - 0.9)) + 0.1 * rng.standard_normal(n)
         else:
             losses = rng.standard_normal(n).cumsum()
-        smooth = schedules.smooth_losses(losses)
+        smoother = metrics.SmoothLoss()
+        smooth = [smoother.update(float(v)) for v in losses]
         ref_smooth = ref_sched.smooth_losses(list(losses))
         worst_smooth = max(worst_smooth, _rel(np.asarray(smooth), np.asarray(ref_smooth))[1])
         worst = max(worst, abs(schedules.valley(lrs, losses)[1] - ref_sched.valley(list(lrs), list(losses))[1]))
@@ -370,7 +371,7 @@ def schedule_checks(n_steps: int = 1000) -> list[CheckResult]:
     out.append(CheckResult("lr_find valley rule (200 loss curves)", "index", float(worst), float(worst), 0.0,
                            "jaxtl/schedules.py:valley"))
     out.append(CheckResult("AvgSmoothLoss (beta=0.98)", "smoothed loss", worst_smooth, worst_smooth, 1e-12,
-                           "jaxtl/schedules.py:smooth_losses"))
+                           "jaxtl/metrics.py:SmoothLoss"))
     return out
 
 

@@ -38,7 +38,7 @@ def main(rounds: int) -> None:
     t = time.time()
     for mode in ("jit", "pmap"):
         cfg = base_config()
-        cfg.model.arch, cfg.train.batch_size, cfg.train.parallel, cfg.train.step_cache = "resnet18", 8, mode, False
+        cfg.model.arch, cfg.train.batch_size, cfg.train.parallel = "resnet18", 8, mode
         learn = Learner(model, v, data, cfg)
         first = learn.validate()
         for _ in range(rounds):
