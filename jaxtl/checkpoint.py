@@ -13,13 +13,16 @@ next to the epoch).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 PyTree = Any
+VERSION = 1  # of the metadata the Learner writes (``Learner._meta``)
 
 
 def _manager(directory: Path, max_to_keep: int) -> ocp.CheckpointManager:
@@ -112,3 +115,37 @@ def load_variables(workdir: str | Path, *, best: bool = True) -> dict[str, PyTre
         return {"params": raw["params"], "batch_stats": raw["batch_stats"]}
     finally:
         ck.close()
+
+
+# ------------------------------------------------------------------------------------ a run's metadata
+def jsonable(x: Any) -> Any:
+    """Metadata -> plain JSON types (NaN kept as a float: Python's json writes and reads it)."""
+    if isinstance(x, Mapping):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [jsonable(v) for v in x]
+    if isinstance(x, np.generic):
+        return x.item()
+    return x
+
+
+def check_resumable(meta: Mapping[str, Any], classes: list[str], workdir: Path | None) -> None:
+    """The checkpoint ``meta`` can continue a run on data with ``classes``; else a ValueError saying why."""
+    if meta.get("version") != VERSION:
+        raise ValueError(f"checkpoint in {workdir} has format version {meta.get('version')}, expected {VERSION}")
+    if meta["classes"] != classes:
+        raise ValueError(f"the checkpoint in {workdir} was trained on classes {meta['classes']}, the data now has "
+                         f"{classes}; resume with the same data (data.*) or a new work dir")
+
+
+def check_same_phase(meta: Mapping[str, Any], phase: int, epochs: int, n_frozen_groups: int) -> None:
+    """The recipe's phase ``phase`` is the one the checkpoint stopped in; else a ValueError saying why."""
+    if meta["phase"] != phase:
+        raise ValueError(f"the checkpoint is in phase {meta['phase']} but this recipe reached phase {phase} first; "
+                         "resume with the same recipe and config")
+    if meta["phase_epochs"] != epochs:
+        raise ValueError(f"the checkpoint's phase {meta['phase']} runs {meta['phase_epochs']} epoch(s) but this "
+                         f"call asks for {epochs}; resume with the same recipe and config")
+    if meta["n_frozen_groups"] != n_frozen_groups:
+        raise ValueError(f"the checkpoint froze {meta['n_frozen_groups']} layer group(s), this phase freezes "
+                         f"{n_frozen_groups}; resume with the same recipe")

@@ -10,14 +10,12 @@ TensorBoard events, checkpoints, and PNG plots (loss curves, confusion matrix, t
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
 import signal
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 from absl import app, flags
@@ -90,28 +88,6 @@ def preflight_message(config, error: BaseException) -> str:
     return "\n".join(lines)
 
 
-@contextlib.contextmanager
-def stop_on_signals(learn, received: list[int]) -> Iterator[None]:
-    """For the whole recipe (every phase, and the gaps between them): the first SIGINT or SIGTERM (e.g. a
-    preempted cloud machine) asks the Learner to stop after the current step and checkpoint; a second SIGINT
-    aborts at once (KeyboardInterrupt). The signals received are appended to ``received``. The Learner sees a
-    handler installed and leaves it alone."""
-    def handler(signum: int, frame) -> None:
-        if received and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        received.append(signum)
-        print(f"\njaxtl: {signal.Signals(signum).name}: finishing the current step and saving a checkpoint "
-              "(Ctrl-C again to abort)", file=sys.stderr, flush=True)
-        learn.request_stop()
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
 def main(argv: list[str]) -> int:
     del argv
     from jaxtl.cpu_defaults import apply_cpu_defaults
@@ -125,7 +101,7 @@ def main(argv: list[str]) -> int:
         raise SystemExit(f"error: {e}") from None
 
     from jaxtl import learner as jlearner
-    from jaxtl import parallel, run_setup
+    from jaxtl import loop, parallel, run_setup
 
     # multi-process: asked for by train.distributed or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES; before any
     # other JAX call. Every process runs this same program; only process 0 writes the work dir's files
@@ -164,7 +140,9 @@ def main(argv: list[str]) -> int:
     t0 = time.time()
     signals: list[int] = []
     try:
-        with stop_on_signals(learn, signals):
+        # jaxtl's one SIGINT / SIGTERM handler, for the whole recipe (every phase and the gaps between them): the
+        # first signal stops after the current step with a checkpoint, a second SIGINT aborts
+        with loop.stop_on_signals(learn.request_stop, signals):
             result = jlearner.run_recipe(learn, config, resume=_RESUME.value)
     except USER_ERRORS as e:
         raise SystemExit(f"error: {e}") from None

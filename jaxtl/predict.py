@@ -14,7 +14,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,20 @@ def save_for_inference(workdir: str | os.PathLike, variables: Mapping[str, Any],
     return save_variables(Path(workdir) / MODEL_FILE, host, meta)
 
 
+def predict_in_batches(probs: Callable[[np.ndarray], np.ndarray], images: np.ndarray, batch_size: int) -> np.ndarray:
+    """``probs`` over ``images`` (N, S, S, 3) in batches of ``batch_size``, the last one padded with zeros (one
+    compiled shape) and the padding's rows dropped: the one batched prediction that the CLI, ``Learner.predict``
+    and interpretation (``Learner.get_valid_preds``, a batch at a time) use."""
+    out = []
+    for i in range(0, len(images), batch_size):
+        chunk = np.asarray(images[i:i + batch_size], np.float32)
+        pad = batch_size - len(chunk)
+        if pad:
+            chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), np.float32)])
+        out.append(np.asarray(probs(chunk))[: batch_size - pad])
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
 @dataclass
 class Predictor:
     """A trained model and its validation transform. ``predict(paths)`` -> one dict per image."""
@@ -51,28 +65,16 @@ class Predictor:
     def __post_init__(self) -> None:
         import jax
 
-        self._apply = jax.jit(lambda v, x: jax.nn.softmax(self.model.apply(v, x, train=False), axis=-1))
+        from jaxtl.data.eval_transform import EvalTransform
+        from jaxtl.train import make_predict_step
 
-    def preprocess(self, image: str | os.PathLike | bytes) -> np.ndarray:
-        """File path or encoded bytes -> float32 (size, size, 3), normalised: fastai's validation transform."""
-        import tensorflow as tf
+        self._apply = jax.jit(make_predict_step(self.model))
+        self.preprocess = EvalTransform(self.size, self.mean, self.std)  # path / bytes / array -> (S, S, 3)
 
-        from jaxtl.data import augment, decode
-
-        name = "the given bytes" if isinstance(image, bytes | bytearray) else str(image)
-        try:
-            data = decode.load_bytes(image)
-        except OSError as e:
-            raise FileNotFoundError(f"cannot read image {name}: {e.strerror or e}") from e
-        try:
-            img = augment.eval_resize_crop(decode.decode_rgb(tf.constant(data)), self.size)
-        except tf.errors.InvalidArgumentError as e:
-            raise ValueError(f"cannot decode image {name}: {decode.tf_error_message(e)}") from e
-        return augment.normalize(tf.cast(img, tf.float32) / 255.0, self.mean, self.std).numpy()
-
-    def probabilities(self, images: np.ndarray) -> np.ndarray:
+    def probabilities(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """(N, S, S, 3) preprocessed images -> (N, C) softmax probabilities."""
-        return np.asarray(self._apply(self.variables, images))
+        probs = predict_in_batches(lambda x: self._apply(self.variables, x), images, batch_size)
+        return probs.reshape(len(images), len(self.classes))
 
     def predict(self, paths: Sequence[str | os.PathLike], batch_size: int = 32, top_k: int = 1) -> list[dict]:
         """One dict per path: ``path, label, probability, top`` ([(label, p)] * top_k) or ``error``."""
@@ -84,13 +86,13 @@ class Predictor:
                 results.append({"path": str(p)})
             except (FileNotFoundError, ValueError) as e:
                 results.append({"path": str(p), "error": str(e)})
-        for start in range(0, len(ok), batch_size):
-            chunk = ok[start:start + batch_size]
-            probs = self.probabilities(np.stack([x for _, x in chunk]))
-            for (i, _), pr in zip(chunk, probs, strict=True):
-                order = np.argsort(-pr)[:max(1, top_k)]
-                results[i].update(label=self.classes[order[0]], probability=float(pr[order[0]]),
-                                  top=[(self.classes[j], float(pr[j])) for j in order])
+        if not ok:
+            return results
+        probs = self.probabilities(np.stack([x for _, x in ok]), batch_size)
+        for (i, _), pr in zip(ok, probs, strict=True):
+            order = np.argsort(-pr)[:max(1, top_k)]
+            results[i].update(label=self.classes[order[0]], probability=float(pr[order[0]]),
+                              top=[(self.classes[j], float(pr[j])) for j in order])
         return results
 
 

@@ -311,7 +311,7 @@ class JaxtlRunner:
         n_frozen = 0 if phase == "unfrozen" else -1
         train_bn = phase != "frozen_no_bn"
         trainable = groups.trainable_mask(params, n_frozen, train_bn)
-        tx = build_optimizer(base_config().optim, params, [LR] * groups.N_GROUPS, None, n_frozen, train_bn)
+        tx = build_optimizer(base_config().optim, params, [LR] * groups.N_GROUPS, None, trainable)
         state = TrainState.create(params, variables["batch_stats"], tx, jax.random.PRNGKey(1))
         fn = make_train_step(model, tx, trainable, axis_name=self.dp.model_axis_name)
         self.state = self.dp.put_state(state)

@@ -24,10 +24,11 @@ def trained_state():
     model = create_model("resnet18", 3)
     v = jax.jit(lambda k: model.init(k, jnp.zeros((1, 32, 32, 3)), train=False))(jax.random.PRNGKey(0))
     lr, mom = one_cycle(10, [1e-4, 1e-3, 1e-2])
-    tx = build_optimizer(base_config().optim, v["params"], split_schedule(lr, 3), mom, -1, True)
     from jaxtl.groups import trainable_mask
 
-    step = jax.jit(make_train_step(model, tx, trainable_mask(v["params"], -1, True)))
+    mask = trainable_mask(v["params"], -1, True)  # one freezing object for the optimiser and the step
+    tx = build_optimizer(base_config().optim, v["params"], split_schedule(lr, 3), mom, mask)
+    step = jax.jit(make_train_step(model, tx, mask))
     state = TrainState.create(v["params"], v["batch_stats"], tx, jax.random.PRNGKey(1))
     rs = np.random.RandomState(0)
     for _ in range(2):

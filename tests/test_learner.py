@@ -45,6 +45,16 @@ def xla_cache(tmp_path_factory):
     jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
 
 
+@pytest.fixture
+def default_sigint():
+    """SIGINT as an interactive program has it (Python's default handler). A job started in the background by a
+    non-interactive shell (e.g. ``.ci/run &``) inherits SIGINT ignored, and the Learner leaves a program's own
+    choice alone."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.fixture(scope="module")
 def init_vars():
     model = create_model("resnet18", C)
@@ -93,7 +103,7 @@ def test_history_csv_table_tensorboard_and_compile_once(init_vars, tmp_path, cap
 
 @pytest.mark.slow
 @pytest.mark.parametrize("at_batch", [5, 3])
-def test_resume_after_sigint_equals_uninterrupted_run(init_vars, tmp_path, at_batch):
+def test_resume_after_sigint_equals_uninterrupted_run(init_vars, tmp_path, at_batch, default_sigint):
     """fine_tune(1) (frozen epoch + unfrozen epoch, 3 batches each) interrupted by a real SIGINT in the middle of
     the unfrozen phase (batch 5) or on the frozen epoch's last batch (3), then resumed by a new Learner:
     parameters, BatchNorm statistics, optimiser state and history are bit-identical."""

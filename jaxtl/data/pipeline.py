@@ -27,8 +27,9 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from jaxtl.data import augment, decode, sources, tfds_items
+from jaxtl.data import augment, decode, sources, streams, tfds_items
 from jaxtl.data.decode import graph_fn
+from jaxtl.data.eval_transform import EvalTransform
 
 log = logging.getLogger("jaxtl.data")
 
@@ -45,15 +46,6 @@ class DataWarning(UserWarning):
 
 def _warn(msg: str) -> None:
     warnings.warn(msg, DataWarning, stacklevel=3)
-
-
-def _key(*parts: int) -> np.ndarray:
-    """A ``[2]`` int64 stateless-RNG seed derived from non-negative integers."""
-    state = np.random.SeedSequence([int(p) % (2**63) for p in parts]).generate_state(2, np.uint32)
-    return state.astype(np.int64)
-
-
-_STREAM_CROP, _STREAM_BATCH, _STREAM_SHUFFLE = 1, 2, 3
 
 
 class DataBundle:
@@ -73,7 +65,7 @@ class DataBundle:
         num_parallel: int | None,
         num_train: int,
         num_valid: int,
-        source: _Source,
+        source: streams.Stream,
         corrupt: dict[str, str],
         description: str,
     ) -> None:
@@ -102,8 +94,8 @@ class DataBundle:
         n_local_max = -(-num_valid // process_count)
         self.valid_steps = -(-n_local_max // batch_size)
         self._valid_ds: tf.data.Dataset | None = None
-        self._eval_fn = tf.function(self._eval_transform, autograph=False,
-                                    input_signature=[tf.TensorSpec([], tf.string)])
+        # fastai's validation transform for prediction (file path, bytes or uint8 array -> f32 (S, S, 3))
+        self.preprocess_eval = EvalTransform(self.size, self.mean, self.std)
 
     # ------------------------------------------------------------------------------------- training
     def train_batches(self, epoch: int, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
@@ -116,8 +108,8 @@ class DataBundle:
         b, s = self.batch_size, self.size
         n_items = self.steps_per_epoch * b
         ds, decoded = self._source.train_elements(epoch, self.seed, n_items, start_step * b)
-        crop_key = tf.constant(_key(self.seed, epoch, self.process_index, _STREAM_CROP))
-        batch_key = tf.constant(_key(self.seed, epoch, self.process_index, _STREAM_BATCH))
+        crop_key = tf.constant(streams.key(self.seed, epoch, self.process_index, streams.STREAM_CROP))
+        batch_key = tf.constant(streams.key(self.seed, epoch, self.process_index, streams.STREAM_BATCH))
         min_scale = self.aug.min_scale
 
         def item(x: tf.Tensor, label: tf.Tensor, pos: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
@@ -173,29 +165,6 @@ class DataBundle:
         (the whole validation set when ``process_count == 1``)."""
         return self._source.valid_items()
 
-    # ------------------------------------------------------------------------------------ prediction
-    def _eval_transform(self, data: tf.Tensor) -> tf.Tensor:
-        img = augment.eval_resize_crop(decode.decode_rgb(data), self.size)
-        return augment.normalize(tf.cast(img, tf.float32) / 255.0, self.mean, self.std)
-
-    def preprocess_eval(self, image: str | os.PathLike | bytes | np.ndarray) -> np.ndarray:
-        """The validation transform for prediction: a file path, encoded bytes or a uint8 ``(h, w, 3)`` array
-        -> float32 ``(S, S, 3)`` normalised."""
-        if isinstance(image, np.ndarray):
-            if image.ndim != 3 or image.shape[-1] != 3:
-                raise ValueError(f"preprocess_eval expects a (h, w, 3) array, got shape {image.shape}")
-            img = augment.eval_resize_crop(tf.convert_to_tensor(image.astype(np.uint8)), self.size)
-            return augment.normalize(tf.cast(img, tf.float32) / 255.0, self.mean, self.std).numpy()
-        name = "the given bytes" if isinstance(image, bytes | bytearray) else str(image)
-        try:
-            data = decode.load_bytes(image)
-        except OSError as e:
-            raise FileNotFoundError(f"cannot read image {name}: {e.strerror}") from e
-        try:
-            return self._eval_fn(tf.constant(data)).numpy()
-        except tf.errors.InvalidArgumentError as e:
-            raise ValueError(f"cannot decode image {name}: {decode.tf_error_message(e)}") from e
-
     def denormalize(self, images: np.ndarray) -> np.ndarray:
         """Normalised images -> float32 in [0, 1] for plotting (same shape)."""
         return augment.denormalize(images, self.mean, self.std)
@@ -204,130 +173,6 @@ class DataBundle:
         return (f"DataBundle({self.num_train} train / {self.num_valid} valid images, {len(self.classes)} classes, "
                 f"size {self.size}, batch {self.batch_size} x {self.steps_per_epoch} steps/epoch, "
                 f"process {self.process_index}/{self.process_count}; {self.description})")
-
-
-# -------------------------------------------------------------------------------------------- sources
-
-class _Source:
-    """Yields raw training/validation elements for one process; DataBundle adds the transforms."""
-
-    cache: bool = False
-
-    def train_elements(self, epoch: int, seed: int, n_items: int, start: int) -> tuple[tf.data.Dataset, bool]:
-        """``(dataset of (bytes or uint8 image, label int32, position int64), decoded?)`` for positions
-        ``start .. n_items-1`` of the epoch."""
-        raise NotImplementedError
-
-    def valid_elements(self) -> tuple[tf.data.Dataset, bool, int]:
-        """``(dataset of (bytes or image, label int32), decoded?, number of elements)``."""
-        raise NotImplementedError
-
-    def valid_items(self) -> list[tuple[str, int]]:
-        raise NotImplementedError
-
-
-class _FileSource(_Source):
-    def __init__(self, train: list[tuple[str, int]], valid: list[tuple[str, int]], pi: int, pc: int,
-                 cache: bool, num_parallel: int | None) -> None:
-        self.train_paths = np.array([p for p, _ in train], dtype=object)
-        self.train_labels = np.array([y for _, y in train], np.int32)
-        self.valid = valid[pi::pc]
-        self.pi, self.pc, self.cache, self.num_parallel = pi, pc, cache, num_parallel
-        self._decoded: tf.data.Dataset | None = None
-
-    def _decoded_shard(self) -> tf.data.Dataset:
-        if self._decoded is None:  # this process's fixed shard, decoded once and kept in memory
-            ds = tf.data.Dataset.from_tensor_slices((self.train_paths[self.pi::self.pc].astype(str),
-                                                     self.train_labels[self.pi::self.pc]))
-            ds = ds.map(graph_fn(lambda p, y: (decode.decode_rgb(tf.io.read_file(p)), y)),
-                        num_parallel_calls=self.num_parallel, deterministic=True)
-            self._decoded = ds.cache()
-        return self._decoded
-
-    def train_elements(self, epoch: int, seed: int, n_items: int, start: int) -> tuple[tf.data.Dataset, bool]:
-        if self.cache:
-            shard = self._decoded_shard()
-            n_shard = len(self.train_paths[self.pi::self.pc])
-            shuffle_seed = int(_key(seed, epoch, self.pi, _STREAM_SHUFFLE)[0])
-            ds = shard.shuffle(n_shard, seed=shuffle_seed, reshuffle_each_iteration=False).take(n_items)
-            ds = ds.enumerate().skip(start).map(graph_fn(lambda k, e: (e[0], e[1], k)))
-            return ds, True
-        perm = np.random.default_rng([seed % (2**63), epoch]).permutation(len(self.train_paths))
-        mine = perm[self.pi::self.pc][:n_items][start:]
-        pos = np.arange(start, n_items, dtype=np.int64)
-        ds = tf.data.Dataset.from_tensor_slices(
-            (self.train_paths[mine].astype(str), self.train_labels[mine], pos))
-        return ds.map(graph_fn(lambda p, y, k: (tf.io.read_file(p), y, k))), False
-
-    def valid_elements(self) -> tuple[tf.data.Dataset, bool, int]:
-        paths = [p for p, _ in self.valid]
-        labels = np.array([y for _, y in self.valid], np.int32)
-        ds = tf.data.Dataset.from_tensor_slices((tf.constant(paths, tf.string), labels))
-        return ds.map(graph_fn(lambda p, y: (tf.io.read_file(p), y))), False, len(paths)
-
-    def valid_items(self) -> list[tuple[str, int]]:
-        return list(self.valid)
-
-
-class _TfdsSource(_Source):
-    """Examples of a :class:`jaxtl.data.tfds_items.TfdsPlan`: each side is a split string, a mask over its
-    read positions and per-position labels (or a feature remapped in the graph)."""
-
-    def __init__(self, plan: tfds_items.TfdsPlan, image_key: str, pi: int, pc: int, cache: bool,
-                 shuffle_buffer: int) -> None:
-        self.plan, self.image_key = plan, image_key
-        self.pi, self.pc, self.cache, self.shuffle_buffer = pi, pc, cache, shuffle_buffer
-        self.num_valid_local = len(range(pi, plan.num_valid, pc))  # Dataset.shard keeps elements pi, pi+pc, ...
-        self._train_base: tf.data.Dataset | None = None
-        self._valid_items: list[tuple[str, int]] | None = None
-
-    def _split(self, valid: bool) -> tf.data.Dataset:
-        """``(image bytes, class index, tfds_id)`` of one side, this process's shard."""
-        import tensorflow_datasets as tfds
-
-        plan = self.plan
-        split, mask = (plan.valid_split, plan.valid_mask) if valid else (plan.train_split, plan.train_mask)
-        labels, remap = tfds_items.label_tensor(plan, valid)
-        decoders = {k: tfds.decode.SkipDecoding() for k, f in plan.builder.info.features.items()
-                    if isinstance(f, tfds.features.Image)}
-        cfg = tfds.ReadConfig(add_tfds_id=True, shuffle_seed=None)
-        ds = plan.builder.as_dataset(split=split, shuffle_files=False, decoders=decoders, read_config=cfg).enumerate()
-        ik, lk = self.image_key, plan.label_key
-
-        def label(i: tf.Tensor, e: dict[str, tf.Tensor]) -> tf.Tensor:
-            if labels is not None:
-                return tf.gather(labels, i)
-            return tf.gather(remap, tf.cast(e[lk], tf.int32))
-
-        if mask is not None:
-            keep = tf.constant(mask)
-            ds = ds.filter(graph_fn(lambda i, e: tf.gather(keep, i)))
-        ds = ds.map(graph_fn(lambda i, e: (e[ik], label(i, e), e["tfds_id"])))
-        return ds.shard(self.pc, self.pi)
-
-    def train_elements(self, epoch: int, seed: int, n_items: int, start: int) -> tuple[tf.data.Dataset, bool]:
-        if self._train_base is None:
-            base = self._split(False).map(graph_fn(lambda x, y, i: (x, y)))
-            self._train_base = base.cache() if self.cache else base
-        shuffle_seed = int(_key(seed, epoch, self.pi, _STREAM_SHUFFLE)[0])
-        ds = self._train_base.shuffle(self.shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
-        ds = ds.take(n_items).enumerate().skip(start).map(graph_fn(lambda k, e: (e[0], e[1], k)))
-        return ds, False
-
-    def valid_elements(self) -> tuple[tf.data.Dataset, bool, int]:
-        if self.plan.valid_split is None:
-            empty = tf.data.Dataset.from_tensor_slices((tf.zeros([0], tf.string), tf.zeros([0], tf.int32)))
-            return empty, False, 0
-        return self._split(True).map(graph_fn(lambda x, y, i: (x, y))), False, self.num_valid_local
-
-    def valid_items(self) -> list[tuple[str, int]]:
-        if self._valid_items is None:  # one pass over the split's ids and labels (image bytes not decoded)
-            if self.plan.valid_split is None:
-                self._valid_items = []
-            else:
-                ds = self._split(True).map(graph_fn(lambda x, y, i: (i, y)))
-                self._valid_items = [(i.decode(), int(y)) for i, y in ds.as_numpy_iterator()]
-        return self._valid_items
 
 
 # --------------------------------------------------------------------------------------- build_data
@@ -405,7 +250,8 @@ def build_data(
         raise ValueError(f"files=... is a file list for data.source='name_func', not {source_name!r}")
     if source_name == "tfds":
         plan = tfds_items.plan_tfds(data_cfg, bool(data_cfg.download) if download is None else download, image_key)
-        src = _TfdsSource(plan, image_key, process_index, process_count, cache, max(1, int(data_cfg.shuffle_buffer)))
+        src = streams.TfdsStream(plan, image_key, process_index, process_count, cache,
+                                 max(1, int(data_cfg.shuffle_buffer)))
         classes, num_train, num_valid, how = plan.classes, plan.num_train, plan.num_valid, plan.how
         if num_train == 0:
             raise ValueError(f"the training split of {how} is empty")
@@ -438,7 +284,7 @@ def build_data(
         index = {c: i for i, c in enumerate(classes)}
         train = [(p, index[y]) for p, y in split.train]
         valid = [(p, index[y]) for p, y in split.valid]
-        src = _FileSource(train, valid, process_index, process_count, cache, num_parallel)
+        src = streams.FileStream(train, valid, process_index, process_count, cache, num_parallel)
         num_train, num_valid, how = len(train), len(valid), f"{split.root}: {split.how}"
     else:
         raise ValueError(f"config field data.source={source_name!r} is not valid; "

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxtl import metrics, optim, schedules
+from jaxtl import groups, metrics, optim, schedules
 from jaxtl.config import base_config
 from jaxtl.reference import optimizers as ref_opt
 from jaxtl.reference import schedules as ref_sched
@@ -304,7 +304,7 @@ def optimizer_rules() -> list[OptRule]:
         rules.append(OptRule(
             f"{name} per-group lrs, freeze_to({n_frozen}), train_bn={train_bn}, keep_state={keep}", bsrc,
             lambda p, cfg=cfg, keep=keep, n=n_frozen, bn=train_bn: optim.build_optimizer(
-                cfg, p, group_lrs, gmom, n_frozen_groups=n, train_bn=bn, keep_state_structure=keep),
+                cfg, p, group_lrs, gmom, groups.trainable_mask(p, n, bn), keep_state_structure=keep),
             lambda make_ref=make_ref, fr=fr: make_ref(fr), lr_max=GROUP_LR_MAX,
             b2=None if name == "sgd" else 0.99))
     return rules

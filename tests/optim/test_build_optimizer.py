@@ -49,7 +49,8 @@ def _flat(tree):
 def test_frozen_leaves_bit_identical_trainable_move(problem, name, keep, n_frozen, train_bn):
     tree, grads = problem
     lr_s, mom_s = schedules.one_cycle(len(grads), [1e-3, 2e-3, 3e-3])
-    tx = optim.build_optimizer(_cfg(name), tree, schedules.split_schedule(lr_s, 3), mom_s, n_frozen, train_bn, keep)
+    tx = optim.build_optimizer(_cfg(name), tree, schedules.split_schedule(lr_s, 3), mom_s,
+                               groups.trainable_mask(tree, n_frozen, train_bn), keep)
     new, _ = _run(tx, tree, grads)
     before, after = _flat(tree), _flat(new)
     trainable = _flat(groups.trainable_mask(tree, n_frozen, train_bn))
@@ -66,7 +67,7 @@ def test_per_group_learning_rates(problem):
     tree, grads = problem
     lrs = groups.lr_for_groups(slice(1e-4, 1e-2))
     cfg = _cfg("sgd", wd=0.0)
-    tx = optim.build_optimizer(cfg, tree, lrs, momentum_schedule=0.0, n_frozen_groups=0)
+    tx = optim.build_optimizer(cfg, tree, lrs, momentum_schedule=0.0)
     updates, _ = tx.update(grads[0], tx.init(tree), tree)
     g, u = _flat(grads[0]), _flat(updates)
     for leaf in checks.LEAVES:
@@ -79,11 +80,13 @@ def test_keep_state_structure_is_independent_of_freezing(problem):
     lrs = [1e-3] * 3
     for name in NAMES:
         structures = {jax.tree_util.tree_structure(
-            optim.build_optimizer(_cfg(name), tree, lrs, None, n, bn, keep_state_structure=True).init(tree))
+            optim.build_optimizer(_cfg(name), tree, lrs, None, groups.trainable_mask(tree, n, bn),
+                                  keep_state_structure=True).init(tree))
             for n in (-1, 0, 1) for bn in (True, False)}
         assert len(structures) == 1, name
         # fastai's layout (reset on freeze) has no state for frozen leaves, so it differs
-        default = {jax.tree_util.tree_structure(optim.build_optimizer(_cfg(name), tree, lrs, None, n).init(tree))
+        default = {jax.tree_util.tree_structure(optim.build_optimizer(
+            _cfg(name), tree, lrs, None, groups.trainable_mask(tree, n)).init(tree))
                    for n in (-1, 0)}
         assert len(default) == 2, name
 
@@ -93,7 +96,8 @@ def test_state_carried_across_phases(problem):
     tree, grads = problem
     cfg = _cfg("adam")
     lr1, mom1 = schedules.one_cycle(len(grads), [1e-3] * 3, pct_start=0.99)
-    tx1 = optim.build_optimizer(cfg, tree, schedules.split_schedule(lr1, 3), mom1, -1, False, True)
+    tx1 = optim.build_optimizer(cfg, tree, schedules.split_schedule(lr1, 3), mom1,
+                                groups.trainable_mask(tree, -1, False), True)
     tree1, state1 = _run(tx1, tree, grads)
 
     mu_all = {}
@@ -113,7 +117,8 @@ def test_state_carried_across_phases(problem):
 
     # phase 2: new optimiser (unfrozen, new lrs), same state after restarting the schedules
     lr2, mom2 = schedules.one_cycle(len(grads), [1e-5, 1e-4, 1e-3], pct_start=0.3, div=5.0)
-    tx2 = optim.build_optimizer(cfg, tree1, schedules.split_schedule(lr2, 3), mom2, 0, True, True)
+    tx2 = optim.build_optimizer(cfg, tree1, schedules.split_schedule(lr2, 3), mom2,
+                                groups.trainable_mask(tree1, 0, True), True)
     state2 = optim.restart_schedules(state1)
     assert jax.tree_util.tree_structure(state2) == jax.tree_util.tree_structure(tx2.init(tree1))
     for g, inj in injected(state2).items():
@@ -164,7 +169,7 @@ def test_resnet_tree_from_eval_shape():
 
     model = create_model("resnet18", 5)
     params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))["params"]
-    tx = optim.build_optimizer(_cfg("adam"), params, [1e-3] * 3, None, -1, True)
+    tx = optim.build_optimizer(_cfg("adam"), params, [1e-3] * 3, None, groups.trainable_mask(params, -1, True))
     state = jax.eval_shape(tx.init, params)
     n_mu = sum(len(jax.tree_util.tree_leaves(s)) for _, s in optax.tree_utils.tree_get_all_with_path(state, "mu"))
     n_trainable = sum(jax.tree_util.tree_leaves(groups.trainable_mask(params, -1, True)))

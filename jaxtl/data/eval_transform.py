@@ -1,0 +1,44 @@
+"""fastai's validation transform for prediction, the one path that ``Learner.predict``, ``jaxtl.predict`` (the
+CLI and :class:`jaxtl.predict.Predictor`) and the data bundle's ``preprocess_eval`` share: decode, resize the
+short side and centre-crop to ``size`` (``augment.eval_resize_crop``), scale to [0, 1], normalise."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from jaxtl.data import augment, decode
+
+
+class EvalTransform:
+    """``transform(image) -> float32 (size, size, 3)``; ``image`` a file path, encoded bytes or a uint8
+    ``(h, w, 3)`` array. An unreadable file raises FileNotFoundError, an undecodable one ValueError, both naming
+    the image."""
+
+    def __init__(self, size: int, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.size, self.mean, self.std = int(size), tuple(mean), tuple(std)
+        # one traced graph for every encoded image (eager TF would dispatch op by op)
+        self._from_bytes = tf.function(lambda data: self._finish(decode.decode_rgb(data)), autograph=False,
+                                       input_signature=[tf.TensorSpec([], tf.string)])
+
+    def _finish(self, rgb: tf.Tensor) -> tf.Tensor:
+        img = augment.eval_resize_crop(rgb, self.size)
+        return augment.normalize(tf.cast(img, tf.float32) / 255.0, self.mean, self.std)
+
+    def __call__(self, image: str | os.PathLike | bytes | np.ndarray) -> np.ndarray:
+        if isinstance(image, np.ndarray):
+            if image.ndim != 3 or image.shape[-1] != 3:
+                raise ValueError(f"an image array must be (h, w, 3) uint8, got shape {image.shape}")
+            return self._finish(tf.convert_to_tensor(image.astype(np.uint8))).numpy()
+        name = "the given bytes" if isinstance(image, bytes | bytearray) else str(image)
+        try:
+            data = decode.load_bytes(image)
+        except OSError as e:
+            raise FileNotFoundError(f"cannot read image {name}: {e.strerror or e}") from e
+        try:
+            return self._from_bytes(tf.constant(data)).numpy()
+        except tf.errors.InvalidArgumentError as e:
+            raise ValueError(f"cannot decode image {name}: {decode.tf_error_message(e)}") from e

@@ -1,0 +1,141 @@
+"""The raw element streams of one process behind ``DataBundle`` (``jaxtl.data.pipeline``): image files
+(:class:`FileStream`) or a TFDS dataset (:class:`TfdsStream`); the bundle adds the transforms and batching."""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from jaxtl.data import decode, tfds_items
+from jaxtl.data.decode import graph_fn
+
+
+def key(*parts: int) -> np.ndarray:
+    """A ``[2]`` int64 stateless-RNG seed derived from non-negative integers."""
+    state = np.random.SeedSequence([int(p) % (2**63) for p in parts]).generate_state(2, np.uint32)
+    return state.astype(np.int64)
+
+
+STREAM_CROP, STREAM_BATCH, STREAM_SHUFFLE = 1, 2, 3  # independent random streams of an epoch
+
+
+class Stream:
+    """Yields raw training/validation elements for one process; DataBundle adds the transforms."""
+
+    cache: bool = False
+
+    def train_elements(self, epoch: int, seed: int, n_items: int, start: int) -> tuple[tf.data.Dataset, bool]:
+        """``(dataset of (bytes or uint8 image, label int32, position int64), decoded?)`` for positions
+        ``start .. n_items-1`` of the epoch."""
+        raise NotImplementedError
+
+    def valid_elements(self) -> tuple[tf.data.Dataset, bool, int]:
+        """``(dataset of (bytes or image, label int32), decoded?, number of elements)``."""
+        raise NotImplementedError
+
+    def valid_items(self) -> list[tuple[str, int]]:
+        raise NotImplementedError
+
+
+class FileStream(Stream):
+    def __init__(self, train: list[tuple[str, int]], valid: list[tuple[str, int]], pi: int, pc: int,
+                 cache: bool, num_parallel: int | None) -> None:
+        self.train_paths = np.array([p for p, _ in train], dtype=object)
+        self.train_labels = np.array([y for _, y in train], np.int32)
+        self.valid = valid[pi::pc]
+        self.pi, self.pc, self.cache, self.num_parallel = pi, pc, cache, num_parallel
+        self._decoded: tf.data.Dataset | None = None
+
+    def _decoded_shard(self) -> tf.data.Dataset:
+        if self._decoded is None:  # this process's fixed shard, decoded once and kept in memory
+            ds = tf.data.Dataset.from_tensor_slices((self.train_paths[self.pi::self.pc].astype(str),
+                                                     self.train_labels[self.pi::self.pc]))
+            ds = ds.map(graph_fn(lambda p, y: (decode.decode_rgb(tf.io.read_file(p)), y)),
+                        num_parallel_calls=self.num_parallel, deterministic=True)
+            self._decoded = ds.cache()
+        return self._decoded
+
+    def train_elements(self, epoch: int, seed: int, n_items: int, start: int) -> tuple[tf.data.Dataset, bool]:
+        if self.cache:
+            shard = self._decoded_shard()
+            n_shard = len(self.train_paths[self.pi::self.pc])
+            shuffle_seed = int(key(seed, epoch, self.pi, STREAM_SHUFFLE)[0])
+            ds = shard.shuffle(n_shard, seed=shuffle_seed, reshuffle_each_iteration=False).take(n_items)
+            ds = ds.enumerate().skip(start).map(graph_fn(lambda k, e: (e[0], e[1], k)))
+            return ds, True
+        perm = np.random.default_rng([seed % (2**63), epoch]).permutation(len(self.train_paths))
+        mine = perm[self.pi::self.pc][:n_items][start:]
+        pos = np.arange(start, n_items, dtype=np.int64)
+        ds = tf.data.Dataset.from_tensor_slices(
+            (self.train_paths[mine].astype(str), self.train_labels[mine], pos))
+        return ds.map(graph_fn(lambda p, y, k: (tf.io.read_file(p), y, k))), False
+
+    def valid_elements(self) -> tuple[tf.data.Dataset, bool, int]:
+        paths = [p for p, _ in self.valid]
+        labels = np.array([y for _, y in self.valid], np.int32)
+        ds = tf.data.Dataset.from_tensor_slices((tf.constant(paths, tf.string), labels))
+        return ds.map(graph_fn(lambda p, y: (tf.io.read_file(p), y))), False, len(paths)
+
+    def valid_items(self) -> list[tuple[str, int]]:
+        return list(self.valid)
+
+
+class TfdsStream(Stream):
+    """Examples of a :class:`jaxtl.data.tfds_items.TfdsPlan`: each side is a split string, a mask over its
+    read positions and per-position labels (or a feature remapped in the graph)."""
+
+    def __init__(self, plan: tfds_items.TfdsPlan, image_key: str, pi: int, pc: int, cache: bool,
+                 shuffle_buffer: int) -> None:
+        self.plan, self.image_key = plan, image_key
+        self.pi, self.pc, self.cache, self.shuffle_buffer = pi, pc, cache, shuffle_buffer
+        self.num_valid_local = len(range(pi, plan.num_valid, pc))  # Dataset.shard keeps elements pi, pi+pc, ...
+        self._train_base: tf.data.Dataset | None = None
+        self._valid_items: list[tuple[str, int]] | None = None
+
+    def _split(self, valid: bool) -> tf.data.Dataset:
+        """``(image bytes, class index, tfds_id)`` of one side, this process's shard."""
+        import tensorflow_datasets as tfds
+
+        plan = self.plan
+        split, mask = (plan.valid_split, plan.valid_mask) if valid else (plan.train_split, plan.train_mask)
+        labels, remap = tfds_items.label_tensor(plan, valid)
+        decoders = {k: tfds.decode.SkipDecoding() for k, f in plan.builder.info.features.items()
+                    if isinstance(f, tfds.features.Image)}
+        cfg = tfds.ReadConfig(add_tfds_id=True, shuffle_seed=None)
+        ds = plan.builder.as_dataset(split=split, shuffle_files=False, decoders=decoders, read_config=cfg).enumerate()
+        ik, lk = self.image_key, plan.label_key
+
+        def label(i: tf.Tensor, e: dict[str, tf.Tensor]) -> tf.Tensor:
+            if labels is not None:
+                return tf.gather(labels, i)
+            return tf.gather(remap, tf.cast(e[lk], tf.int32))
+
+        if mask is not None:
+            keep = tf.constant(mask)
+            ds = ds.filter(graph_fn(lambda i, e: tf.gather(keep, i)))
+        ds = ds.map(graph_fn(lambda i, e: (e[ik], label(i, e), e["tfds_id"])))
+        return ds.shard(self.pc, self.pi)
+
+    def train_elements(self, epoch: int, seed: int, n_items: int, start: int) -> tuple[tf.data.Dataset, bool]:
+        if self._train_base is None:
+            base = self._split(False).map(graph_fn(lambda x, y, i: (x, y)))
+            self._train_base = base.cache() if self.cache else base
+        shuffle_seed = int(key(seed, epoch, self.pi, STREAM_SHUFFLE)[0])
+        ds = self._train_base.shuffle(self.shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
+        ds = ds.take(n_items).enumerate().skip(start).map(graph_fn(lambda k, e: (e[0], e[1], k)))
+        return ds, False
+
+    def valid_elements(self) -> tuple[tf.data.Dataset, bool, int]:
+        if self.plan.valid_split is None:
+            empty = tf.data.Dataset.from_tensor_slices((tf.zeros([0], tf.string), tf.zeros([0], tf.int32)))
+            return empty, False, 0
+        return self._split(True).map(graph_fn(lambda x, y, i: (x, y))), False, self.num_valid_local
+
+    def valid_items(self) -> list[tuple[str, int]]:
+        if self._valid_items is None:  # one pass over the split's ids and labels (image bytes not decoded)
+            if self.plan.valid_split is None:
+                self._valid_items = []
+            else:
+                ds = self._split(True).map(graph_fn(lambda x, y, i: (i, y)))
+                self._valid_items = [(i.decode(), int(y)) for i, y in ds.as_numpy_iterator()]
+        return self._valid_items
