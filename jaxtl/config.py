@@ -7,15 +7,17 @@ are type-checked by ml_collections and a misspelled field is rejected with the c
 from __future__ import annotations
 
 import difflib
+import warnings
 from collections.abc import Iterable
 
 import ml_collections
 
-RECIPES = ("fine_tune", "one_cycle", "lr_find")
-RECIPE_DEFAULTS = {"fine_tune": {"pct_start": 0.3, "div": 5.0}, "one_cycle": {"pct_start": 0.25, "div": 25.0}}
-SOURCES = ("folder", "name_func", "tfds", "demo")
-OPTIMIZERS = ("adam", "adamw", "lamb", "lamb_fastai", "sgd")  # adamw = adam (decoupled wd)
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")  # jaxtl.models.ARCHS (kept import-free)
+# Every list of choices is defined next to what it chooses; validate() imports them (inside the function, so that
+# importing this module stays light): data.source / data.on_corrupt in jaxtl.data.sources, model.arch / model.head in
+# jaxtl.models, model.kernels in jaxtl.models.kernels, optim.name in jaxtl.optim.transforms, train.recipe (and
+# each recipe's fastai defaults) in jaxtl.schedules, train.precision in jaxtl.train, train.parallel in
+# jaxtl.parallel, train.metric in jaxtl.metrics.
+
 # data fields that only some sources read (every other data field applies to all of them)
 DATA_FIELD_SOURCES: dict[str, tuple[str, ...]] = {
     "path": ("folder", "name_func"),
@@ -29,6 +31,21 @@ DATA_FIELD_SOURCES: dict[str, tuple[str, ...]] = {
     "demo_images": ("demo",),
     "demo_classes": ("demo",),
 }
+
+_FITS = ("fine_tune", "one_cycle")
+# train fields that only some recipes read (lr_find: its own sweep, a fresh optimiser state, no epochs or checkpoints)
+TRAIN_FIELD_RECIPES: dict[str, tuple[str, ...]] = {
+    "epochs": _FITS, "lr": _FITS, "pct_start": _FITS, "div": _FITS, "div_final": _FITS, "moms": _FITS,
+    "metric": _FITS, "checkpoint": _FITS,
+    # one_cycle is one phase: the frozen set never changes within it
+    "freeze_epochs": ("fine_tune",), "lr_mult": ("fine_tune",), "reset_opt_on_freeze": ("fine_tune",),
+}
+_ADAMS = ("adam", "adamw", "lamb", "lamb_fastai")
+OPTIM_FIELD_NAMES: dict[str, tuple[str, ...]] = {"b2": _ADAMS, "eps": _ADAMS, "nesterov": ("sgd",)}
+
+
+class ConfigWarning(UserWarning):
+    """A config field is set but what the config chose elsewhere does not read it."""
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -119,8 +136,10 @@ def base_config() -> ml_collections.ConfigDict:
 
 def recipe_value(config: ml_collections.ConfigDict, field: str) -> float:
     """``train.pct_start``/``train.div`` with -1 resolved to the recipe's fastai default."""
+    from jaxtl.schedules import RECIPES
+
     value = config.train[field]
-    return RECIPE_DEFAULTS.get(config.train.recipe, RECIPE_DEFAULTS["one_cycle"])[field] if value < 0 else value
+    return RECIPES[str(config.train.recipe)].get(field, RECIPES["one_cycle"][field]) if value < 0 else value
 
 
 def closest(name: str, choices: Iterable[str], n: int = 3) -> list[str]:
@@ -143,27 +162,32 @@ def validate(config: ml_collections.ConfigDict) -> None:
         hints = [f"{f} (did you mean {closest(f, valid)[0]}?)" if closest(f, valid) else f for f in extra]
         raise ValueError(f"config field(s) {', '.join(hints)} do not exist, so nothing would read them; the fields "
                          "are listed in jaxtl/config.py and the README's 'Config fields' table")
+    from jaxtl.data.sources import ON_CORRUPT, SOURCES
+    from jaxtl.metrics import LOWER_IS_BETTER
+    from jaxtl.models import ARCHS, HEADS
+    from jaxtl.models.kernels import KERNELS
+    from jaxtl.optim.transforms import OPTIMIZERS
+    from jaxtl.parallel import MODES
+    from jaxtl.schedules import RECIPES
+    from jaxtl.train import PRECISIONS
+
     check("data.source", config.data.source, SOURCES)
-    check("train.recipe", config.train.recipe, RECIPES)
-    check("optim.name", config.optim.name, OPTIMIZERS)
-    check("train.precision", config.train.precision, ("float32", "bfloat16"))
-    check("train.parallel", config.train.parallel, ("jit", "pmap"))
-    check("data.on_corrupt", config.data.on_corrupt, ("skip", "error"))
+    check("train.recipe", config.train.recipe, tuple(RECIPES))
+    check("optim.name", config.optim.name, tuple(OPTIMIZERS))
+    check("train.precision", config.train.precision, tuple(PRECISIONS))
+    check("train.parallel", config.train.parallel, MODES)
+    check("data.on_corrupt", config.data.on_corrupt, ON_CORRUPT)
     lab = config.data.label
     if not (lab in ("parent", "is_cat") or lab.startswith(("regex:", "feature:"))):
         raise ValueError(f"config field data.label={lab!r} is not valid; use 'parent', 'is_cat', 'regex:<pattern>' "
                          "or 'feature:<name>' (TFDS)")
-    from jaxtl.metrics import LOWER_IS_BETTER
-
     check("train.metric", config.train.metric, tuple(LOWER_IS_BETTER))
     if config.train.batch_size < 1:
         raise ValueError(f"config field train.batch_size must be >= 1, got {config.train.batch_size}")
     if not 0.0 <= config.data.valid_pct < 1.0:
         raise ValueError(f"config field data.valid_pct must be in [0, 1), got {config.data.valid_pct}")
-    check("model.arch", config.model.arch, ARCHS)
-    check("model.head", config.model.head, ("fastai", "linear"))
-    from jaxtl.models.kernels import KERNELS
-
+    check("model.arch", config.model.arch, tuple(ARCHS))
+    check("model.head", config.model.head, HEADS)
     check("model.kernels", config.model.kernels, KERNELS)
 
     def numbers(field: str, value, n: int) -> None:
@@ -189,9 +213,38 @@ def validate(config: ml_collections.ConfigDict) -> None:
     ]:
         if not ok:
             raise ValueError(f"config field {field} must be {rule}, got {value!r}")
+    from jaxtl.data import DataWarning
+
+    for message in ignored_fields(config.data):
+        warnings.warn(message, DataWarning, stacklevel=2)
+    for message in ignored_run_fields(config):
+        warnings.warn(message, ConfigWarning, stacklevel=2)
     if config.data.source in ("folder", "name_func") and not config.data.path:
         raise ValueError(f"config field data.path is empty but data.source={config.data.source!r} needs a folder; "
                          "pass --config.data.path=/path/to/images")
+
+
+def ignored_run_fields(config: ml_collections.ConfigDict) -> list[str]:
+    """A message for each ``train.*`` / ``optim.*`` / ``model.*`` field set away from its default that the chosen
+    recipe, optimiser or model settings do not read."""
+    default, out = base_config(), []
+
+    def unread(section: str, name: str, why: str) -> None:
+        if config[section][name] != default[section][name]:
+            out.append(f"config field {section}.{name}={config[section][name]!r} is ignored: {why}")
+
+    recipe, opt = str(config.train.recipe), str(config.optim.name)
+    for name, recipes in TRAIN_FIELD_RECIPES.items():
+        if recipe not in recipes:
+            unread("train", name, f"train.recipe={recipe!r} does not read it (it applies to {', '.join(recipes)})")
+    for name, names in OPTIM_FIELD_NAMES.items():
+        if opt not in names:
+            unread("optim", name, f"optim.name={opt!r} does not read it (it applies to {', '.join(names)})")
+    if not config.model.pretrained:
+        unread("model", "weights_dir", "model.pretrained is '' (random initialisation): no weights are loaded")
+    if config.model.head != "fastai":
+        unread("model", "head_dropout", f"model.head={config.model.head!r} has no dropout (only the fastai head)")
+    return out
 
 
 def ignored_fields(data: ml_collections.ConfigDict) -> list[str]:

@@ -41,11 +41,10 @@ import numpy as np
 
 from jaxtl import checkpoint, fit, groups, loop, metrics, parallel, progress, schedules
 from jaxtl.predict import predict_in_batches
-from jaxtl.train import TrainState, make_eval_step, make_predict_step
+from jaxtl.train import PRECISIONS, TrainState, make_eval_step, make_predict_step
 
 PyTree = Any
 LRSpec = float | slice | Sequence[float] | None
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # train.precision
 
 
 @dataclass
@@ -70,7 +69,7 @@ class Learner:
         self.is_main = jax.process_index() == 0
         self.global_batch = int(data.batch_size) * jax.process_count()
         self.par.check_batch_size(self.global_batch)
-        self.model = model.clone(dtype=DTYPES[str(t.precision)], axis_name=self.par.model_axis_name)
+        self.model = model.clone(dtype=PRECISIONS[str(t.precision)], axis_name=self.par.model_axis_name)
         self.classes = list(data.classes)
         self.num_classes = len(self.classes)
         self.columns = progress.columns_for(self.num_classes)
@@ -355,7 +354,7 @@ class Learner:
 # ---------------------------------------------------------------------------------------------- recipes
 def run_recipe(learn: Learner, config: ml_collections.ConfigDict | None = None,
                resume: bool = False) -> dict[str, Any]:
-    """Run ``config.train.recipe`` (fine_tune | one_cycle | lr_find) on ``learn``; returns a summary dict.
+    """Run ``config.train.recipe`` (``schedules.RECIPES``) on ``learn``; returns a summary dict.
 
     ``train.pct_start`` / ``train.div`` of -1 take the recipe's fastai default (``jaxtl.config.recipe_value``).
     """

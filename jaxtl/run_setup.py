@@ -31,7 +31,12 @@ def setup_logging(workdir: Path) -> None:
 
 def start_run(config: ml_collections.ConfigDict, workdir: str | Path | None) -> Path:
     """Enable the compilation cache; with a work dir, process 0 also logs to ``train.log`` and writes
-    ``config.json``. Returns the compilation cache directory."""
+    ``config.json``. Returns the compilation cache directory. ``train.distributed`` needs JAX's distributed
+    runtime started before JAX's first computation, as ``jaxtl.main`` does; here it can only be checked."""
+    if bool(config.train.distributed) and not jax.distributed.is_initialized():
+        raise ValueError("config field train.distributed=True: JAX's distributed runtime is not initialised. "
+                         "jaxtl.main starts it; in a notebook call jaxtl.parallel.initialize_distributed() in the "
+                         "first cell, before any JAX computation")
     cache = enable_compilation_cache(str(config.train.compile_cache_dir))
     if workdir is not None and jax.process_index() == 0:
         workdir = Path(workdir)

@@ -27,6 +27,10 @@ import numpy as np
 from jaxtl.groups import N_GROUPS, even_mults, lr_for_groups
 
 Schedule = Callable[[jnp.ndarray | int], jnp.ndarray]
+# train.recipe -> the fastai defaults of its one-cycle phases for train.pct_start / train.div (-1 in the config).
+# ``jaxtl.learner.run_recipe`` runs them: fine_tune (fine_tune_plan), one_cycle (one fit_one_cycle), lr_find.
+RECIPES: dict[str, dict[str, float]] = {"fine_tune": {"pct_start": 0.3, "div": 5.0},
+                                        "one_cycle": {"pct_start": 0.25, "div": 25.0}, "lr_find": {}}
 
 
 def cos_anneal(start: float, end: float, pos: float) -> float:

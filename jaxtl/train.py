@@ -29,6 +29,7 @@ from jaxtl import metrics
 
 PyTree = Any
 Batch = dict[str, jax.Array]
+PRECISIONS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # train.precision -> the model's compute dtype
 
 
 class TrainState(struct.PyTreeNode):

@@ -55,6 +55,7 @@ The JSON (``--json PATH``) has the unfrozen float32 row's figures at the top lev
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import platform
@@ -311,7 +312,10 @@ class JaxtlRunner:
         n_frozen = 0 if phase == "unfrozen" else -1
         train_bn = phase != "frozen_no_bn"
         trainable = groups.trainable_mask(params, n_frozen, train_bn)
-        tx = build_optimizer(base_config().optim, params, [LR] * groups.N_GROUPS, None, trainable)
+        if "trainable" in inspect.signature(build_optimizer).parameters:
+            tx = build_optimizer(base_config().optim, params, [LR] * groups.N_GROUPS, None, trainable)
+        else:  # a checkout from before 2026-12-06 (A/B through PYTHONPATH): (n_frozen, train_bn) arguments
+            tx = build_optimizer(base_config().optim, params, [LR] * groups.N_GROUPS, None, n_frozen, train_bn)
         state = TrainState.create(params, variables["batch_stats"], tx, jax.random.PRNGKey(1))
         fn = make_train_step(model, tx, trainable, axis_name=self.dp.model_axis_name)
         self.state = self.dp.put_state(state)

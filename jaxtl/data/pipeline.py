@@ -234,10 +234,6 @@ def build_data(
     if any(float(x) <= 0 for x in data_cfg.std):
         raise ValueError(f"config field data.std must be positive, got {tuple(data_cfg.std)}")
     source_name = str(data_cfg.source)
-    from jaxtl.config import ignored_fields
-
-    for msg in ignored_fields(data_cfg):
-        _warn(msg)
     valid_pct, split_seed = float(data_cfg.valid_pct), int(data_cfg.seed)
     if not 0.0 <= valid_pct < 1.0:
         raise ValueError(f"config field data.valid_pct must be in [0, 1), got {valid_pct}")

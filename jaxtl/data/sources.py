@@ -30,6 +30,8 @@ import numpy as np
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".webp"})
 VALID_DIRS = ("valid", "val")
+SOURCES = ("folder", "name_func", "tfds", "demo")  # data.source: build_data's item sources
+ON_CORRUPT = ("skip", "error")  # data.on_corrupt: what the corrupt-file scan does with unreadable files
 
 
 def list_images(root: str | os.PathLike) -> list[Path]:

@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxtl.config import DATA_FIELD_SOURCES, SOURCES, base_config, field_paths, ignored_fields
+from jaxtl.config import DATA_FIELD_SOURCES, base_config, field_paths, ignored_fields
 from jaxtl.data import build_data, make_demo_folder
+from jaxtl.data.sources import SOURCES
 
 # another valid value per field; a dict gives one per source
 OTHER = {
@@ -129,8 +130,10 @@ def test_data_field_changes_the_pipeline_or_is_reported(field, roots):
 
 
 def test_ignored_field_is_a_data_warning(roots):
+    from jaxtl.config import validate
     from jaxtl.data import DataWarning
 
-    cfg = _config("demo", roots, tfds_name="imagenet2012")
+    c = base_config()
+    c.data = _config("demo", roots, tfds_name="imagenet2012")  # validated once, when a run loads its config
     with pytest.warns(DataWarning, match=r"data.tfds_name='imagenet2012' is ignored: data.source='demo'.*tfds"):
-        build_data(cfg, 4, 0, cache_dir=str(roots / "cache"))
+        validate(c)
