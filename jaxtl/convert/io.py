@@ -37,7 +37,8 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]
     return flat
 
 
-def _unflatten(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"a/b/c": x}`` -> ``{"a": {"b": {"c": x}}}``."""
     tree: dict[str, Any] = {}
     for name, value in flat.items():
         *parents, leaf = name.split("/")
@@ -137,7 +138,7 @@ def load_variables(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, A
         raise ValueError(f"{path}: jaxtl metadata lacks {missing}")
     out_meta: dict[str, Any] = dict(meta)
     out_meta["num_classes"] = int(meta["num_classes"])
-    return _unflatten(tensors), out_meta
+    return unflatten(tensors), out_meta
 
 
 def _safetensors_header(path: Path) -> dict[str, Any] | None:

@@ -78,22 +78,19 @@ def name_table(arch: str, num_classes: int) -> dict[str, tuple[tuple[str, ...], 
     return table
 
 
+# torch layout -> jaxtl layout: conv (O, I, H, W) -> (H, W, I, O), dense (out, in) -> (in, out)
+_TO_JAXTL = {"conv": (2, 3, 1, 0), "dense": (1, 0)}
+
+
 def _to_jaxtl(value: np.ndarray, kind: str) -> np.ndarray:
     value = np.asarray(value, dtype=np.float32)
-    if kind == "conv":
-        value = value.transpose(2, 3, 1, 0)
-    elif kind == "dense":
-        value = value.T
-    return np.ascontiguousarray(value)
+    return np.ascontiguousarray(value.transpose(_TO_JAXTL[kind]) if kind in _TO_JAXTL else value)
 
 
 def _to_torch(value: Any, kind: str) -> np.ndarray:
+    """The inverse of :func:`_to_jaxtl`."""
     value = np.asarray(value, dtype=np.float32)
-    if kind == "conv":
-        value = value.transpose(3, 2, 0, 1)
-    elif kind == "dense":
-        value = value.T
-    return np.ascontiguousarray(value)
+    return np.ascontiguousarray(value.transpose(np.argsort(_TO_JAXTL[kind])) if kind in _TO_JAXTL else value)
 
 
 def _fmt_shape(shape: tuple[int, ...]) -> str:

@@ -48,8 +48,9 @@ def feature_dim(arch: str) -> int:
 ModuleDef = Any
 
 
-class BasicBlock(nn.Module):
-    """3x3 -> BN -> ReLU -> 3x3 -> BN, plus identity or 1x1-conv/BN shortcut, then ReLU."""
+class Block(nn.Module):
+    """A residual block's fields: output planes (before ``expansion``), the conv / norm ``ModuleDef``s, stride,
+    whether the shortcut is a 1x1 conv + BN, and torchvision's ``zero_init_residual`` (last BN's scale = 0)."""
 
     planes: int
     conv: ModuleDef
@@ -57,6 +58,11 @@ class BasicBlock(nn.Module):
     stride: int = 1
     downsample: bool = False
     zero_init_residual: bool = False
+
+
+class BasicBlock(Block):
+    """3x3 -> BN -> ReLU -> 3x3 -> BN, plus identity or 1x1-conv/BN shortcut, then ReLU."""
+
     expansion = 1
 
     @nn.compact
@@ -72,15 +78,9 @@ class BasicBlock(nn.Module):
         return nn.relu(y + x)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(Block):
     """1x1 -> 3x3 (stride here, v1.5) -> 1x1 (x4 channels), each followed by BN; shortcut; ReLU."""
 
-    planes: int
-    conv: ModuleDef
-    norm: ModuleDef
-    stride: int = 1
-    downsample: bool = False
-    zero_init_residual: bool = False
     expansion = 4
 
     @nn.compact

@@ -73,7 +73,10 @@ def freeze_leaves(inner: optax.GradientTransformation, trainable: MaskOrFn) -> o
     """Run ``inner`` on the trainable leaves only; frozen leaves get a zero update and keep their state.
 
     Written by hand: ``optax.masked`` would change the state's tree structure with the mask, and must pass
-    frozen leaves' updates through rather than zero them. Here the state always covers every leaf, so the
+    frozen leaves' updates through rather than zero them. Used only for ``train.reset_opt_on_freeze=False``
+    (``jaxtl.optim.build``), with the same trainable mask the partition and the train step read: it stays beside
+    ``optax.partition`` because a partition's state follows its labels, so a leaf changing from frozen to
+    trainable would lose its moments there. Here the state always covers every leaf, so the
     set of frozen leaves can change between steps (PyTorch's ``requires_grad=False``: no step, state kept).
     Param-shaped subtrees of the state (moments, traces) are restored for frozen leaves; scalars such as the
     step count advance whenever at least one leaf trains, and not at all when every leaf is frozen.

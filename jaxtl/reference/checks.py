@@ -25,6 +25,7 @@ import optax
 
 from jaxtl import groups, metrics, optim, schedules
 from jaxtl.config import base_config
+from jaxtl.convert.io import unflatten
 from jaxtl.reference import optimizers as ref_opt
 from jaxtl.reference import schedules as ref_sched
 
@@ -92,15 +93,7 @@ class CheckResult:
 # ------------------------------------------------------------------------------------------ test data
 
 
-def flat_to_tree(flat: dict[str, Any]) -> dict:
-    tree: dict = {}
-    for path, v in flat.items():
-        node = tree
-        *parents, last = path.split("/")
-        for k in parents:
-            node = node.setdefault(k, {})
-        node[last] = v
-    return tree
+flat_to_tree = unflatten  # {'body/conv1/kernel': x} -> nested dict (jaxtl/convert/io.py)
 
 
 def tree_to_flat(tree: Any) -> dict[str, np.ndarray]:
