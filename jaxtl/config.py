@@ -117,7 +117,7 @@ def base_config() -> ml_collections.ConfigDict:
     t.batch_size = 64  # global batch (all devices, all hosts)
     t.train_bn = True
     t.reset_opt_on_freeze = True  # fastai resets the optimiser when the frozen set changes
-    t.precision = "float32"  # float32 | bfloat16
+    t.precision = "auto"  # auto (bfloat16 compute on GPU/TPU, float32 on CPU) | float32 | bfloat16
     t.parallel = "jit"  # jit | pmap
     t.metric = "error_rate"  # checkpoint-selection metric (lower is better)
     t.checkpoint = True

@@ -41,7 +41,7 @@ import numpy as np
 
 from jaxtl import checkpoint, fit, groups, loop, metrics, parallel, progress, schedules
 from jaxtl.predict import predict_in_batches
-from jaxtl.train import PRECISIONS, TrainState, make_eval_step, make_predict_step
+from jaxtl.train import TrainState, compute_dtype, make_eval_step, make_predict_step
 
 PyTree = Any
 LRSpec = float | slice | Sequence[float] | None
@@ -69,7 +69,7 @@ class Learner:
         self.is_main = jax.process_index() == 0
         self.global_batch = int(data.batch_size) * jax.process_count()
         self.par.check_batch_size(self.global_batch)
-        self.model = model.clone(dtype=PRECISIONS[str(t.precision)], axis_name=self.par.model_axis_name)
+        self.model = model.clone(dtype=compute_dtype(str(t.precision)), axis_name=self.par.model_axis_name)
         self.classes = list(data.classes)
         self.num_classes = len(self.classes)
         self.columns = progress.columns_for(self.num_classes)

@@ -29,7 +29,19 @@ from jaxtl import metrics
 
 PyTree = Any
 Batch = dict[str, jax.Array]
-PRECISIONS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # train.precision -> the model's compute dtype
+# train.precision -> the model's compute dtype ("auto": see compute_dtype). Parameters, optimiser state, BatchNorm
+# statistics and the loss stay float32 whatever the compute dtype.
+PRECISIONS = {"auto": None, "float32": jnp.float32, "bfloat16": jnp.bfloat16}
+BF16_BACKENDS = ("gpu", "cuda", "rocm", "tpu")  # where "auto" computes in bfloat16 (on CPU bf16 measured 4-6x slower)
+
+
+def compute_dtype(precision: str, backend: str | None = None) -> Any:
+    """``train.precision`` -> the model's compute dtype: ``"auto"`` is bfloat16 on a GPU / TPU backend and float32
+    on the CPU (``backend`` defaults to ``jax.default_backend()``)."""
+    if precision == "auto":
+        backend = jax.default_backend() if backend is None else backend
+        return jnp.bfloat16 if backend in BF16_BACKENDS else jnp.float32
+    return PRECISIONS[precision]
 
 
 class TrainState(struct.PyTreeNode):

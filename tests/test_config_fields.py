@@ -45,7 +45,8 @@ OTHER = {  # field -> another valid value
     "train.recipe": None,  # each other recipe (below)
     "train.epochs": 3, "train.freeze_epochs": 2, "train.lr": 1e-2, "train.lr_mult": 10.0, "train.pct_start": 0.5,
     "train.div": 10.0, "train.div_final": 1e3, "train.moms": (0.9, 0.8, 0.9), "train.batch_size": 8,
-    "train.train_bn": False, "train.reset_opt_on_freeze": False, "train.precision": "bfloat16",
+    "train.train_bn": False, "train.reset_opt_on_freeze": False,
+    "train.precision": "bfloat16" if jax.default_backend() == "cpu" else "float32",  # not what "auto" picks here
     "train.parallel": "pmap", "train.metric": "valid_loss", "train.checkpoint": False,
     "train.max_steps": {"lr_find": 20, None: 3},  # per recipe: lr_find needs > 15 steps to suggest a rate
     "train.compile_cache_dir": "<tmp>/other_xla", "train.distributed": True,

@@ -189,3 +189,14 @@ def test_jvp_and_vmap_through_the_plain_model_train_step():
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *batches)
     losses = jax.vmap(lambda b: step(state, b)[1]["loss"])(stacked)
     np.testing.assert_allclose(losses, [step(state, b)[1]["loss"] for b in batches], rtol=1e-5)
+
+
+def test_precision_auto_is_bfloat16_on_accelerators_and_float32_on_cpu():
+    from jaxtl.train import PRECISIONS, compute_dtype
+
+    assert compute_dtype("auto", "cpu") == jnp.float32
+    for backend in ("gpu", "cuda", "rocm", "tpu"):
+        assert compute_dtype("auto", backend) == jnp.bfloat16
+    assert compute_dtype("float32", "tpu") == jnp.float32 and compute_dtype("bfloat16", "cpu") == jnp.bfloat16
+    assert compute_dtype("auto") == (jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
+    assert set(PRECISIONS) == {"auto", "float32", "bfloat16"}
