@@ -619,7 +619,8 @@ def _private_caches(tmp_path, monkeypatch, tmp_path_factory):
 def multidevice_results(tmp_path_factory):
     shared = common.shared_dir(tmp_path_factory)
     work = tmp_path_factory.mktemp("multidevice")
-    env = common.cli_env(shared, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    # 4 fake host devices: the CPU platform, pinned (on a GPU machine JAX would otherwise pick the GPU)
+    env = common.cli_env(shared, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     r = subprocess.run([sys.executable, str(common.ROOT / "tests" / "reliability" / "multidevice_cases.py"),
                         str(work), common.xla_dir(shared)], cwd=common.ROOT, capture_output=True, text=True,
                        env=env, timeout=900)
