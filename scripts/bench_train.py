@@ -32,9 +32,11 @@ Memory: the process's peak RSS (VmHWM, reset before each block through /proc/sel
 where that is not allowed) during each contestant's blocks, plus XLA's own accounting of the jaxtl step
 (arguments + outputs - donated aliases + temporaries). On an accelerator: device peak bytes in use.
 
-On an accelerator (``jax.default_backend() != "cpu"``) jaxtl runs alone; the table adds model FLOP utilisation:
-FLOPs of one step from XLA's cost analysis of the lowered (global, unpartitioned) step over the device's peak
-(``--peak-tflops`` or a built-in table of dense bf16 / tf32 peaks).
+Model FLOP utilisation (MFU): FLOPs of one step from XLA's cost analysis of the lowered (global, unpartitioned)
+step, times steps/s, over the device's peak. On an accelerator (``jax.default_backend() != "cpu"``) jaxtl runs
+alone and the peak is ``--peak-tflops`` or a built-in table of dense bf16 / tf32 peaks. On CPU the peak is
+measured in the same run (:func:`measure_cpu_peak`: the faster of XLA's and torch's ``2048^3`` matmul in the
+row's precision), and the PyTorch reference gets an MFU too, from the same model FLOPs per image.
 
 ``--variant NAME=XLA_FLAGS`` (repeatable) compares XLA configurations: XLA reads its flags once per process, so
 each variant's jaxtl runs in a child process of its own (idle on a pipe between its blocks), lock-stepped with
@@ -469,8 +471,41 @@ def _peak_tflops(device_kind: str, precision: str, override: float | None) -> fl
     return None
 
 
+def measure_cpu_peak(precision: str, use_torch: bool, n: int = 2048, repeats: int = 5) -> dict[str, float]:
+    """The CPU's dense-matmul peak for MFU, measured now: the best of ``repeats`` ``n x n x n`` products
+    (``2 n^3`` FLOPs) through XLA (``jnp.dot``) and, with the torch reference, through ``torch.mm``, in
+    ``precision``. Returns TFLOP/s per engine and ``peak`` = the faster one (what this machine can do)."""
+    import jax
+    import jax.numpy as jnp
+
+    dtype = jnp.bfloat16 if precision == "bfloat16" else jnp.float32
+    a = jnp.asarray(np.random.default_rng(1).standard_normal((n, n), dtype=np.float32), dtype)
+    dot = jax.jit(jnp.dot)
+    dot(a, a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dot(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    out = {"xla": 2 * n**3 / best / 1e12}
+    if use_torch:
+        import torch
+
+        ta = torch.from_numpy(np.asarray(a.astype(jnp.float32))).to(
+            torch.bfloat16 if precision == "bfloat16" else torch.float32)
+        torch.mm(ta, ta)
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            torch.mm(ta, ta)
+            best = min(best, time.perf_counter() - t0)
+        out["torch"] = 2 * n**3 / best / 1e12
+    out["peak"] = max(out.values())
+    return out
+
+
 def bench_row(args: argparse.Namespace, phase: str, precision: str, peak: PeakRSS, use_torch: bool,
-              log: Callable[[str], None]) -> dict[str, Any]:
+              log: Callable[[str], None], cpu_peak: dict[str, float] | None = None) -> dict[str, Any]:
     import jax
 
     rng = np.random.default_rng(0)
@@ -546,6 +581,10 @@ def bench_row(args: argparse.Namespace, phase: str, precision: str, peak: PeakRS
         row["device_peak_mb"] = jx.device_peak_mb()
         row["peak_tflops_per_device"] = pk
         row["mfu"] = row["jaxtl_tflop_s"] / (pk * jx.dp.n_devices) if pk else None
+    elif cpu_peak is not None:  # MFU against this CPU's matmul peak, measured in the same run
+        row["cpu_matmul_tflop_s"] = cpu_peak
+        row["peak_tflops_per_device"] = cpu_peak["peak"]
+        row["mfu"] = row["jaxtl_tflop_s"] / cpu_peak["peak"]
     if use_torch:
         per_layout = {lay: rate[f"torch_{lay}"] for lay in args.layouts}
         best = max(per_layout, key=per_layout.__getitem__)
@@ -553,6 +592,8 @@ def bench_row(args: argparse.Namespace, phase: str, precision: str, peak: PeakRS
                    torch_peak_rss_mb=max(peaks[f"torch_{lay}"] for lay in args.layouts))
         row["torch_best_block_img_s"] = max(max(block_rates[f"torch_{lay}"]) for lay in args.layouts)
         row["ratio_best_blocks"] = row["jaxtl_best_block_img_s"] / row["torch_best_block_img_s"]
+        if cpu_peak is not None:  # the same model FLOPs per step (XLA's count of the equivalent jaxtl step)
+            row["torch_mfu"] = jx.flops * row["torch_img_s"] / args.batch / 1e12 / cpu_peak["peak"]
         for lay in args.layouts:
             row[f"torch_{lay}_img_s"] = per_layout[lay]
             row[f"torch_{lay}_loss"] = losses[f"torch_{lay}"]
@@ -623,11 +664,14 @@ def print_table(rows: list[dict[str, Any]], accel: bool, out: Any = sys.stdout) 
                   _fmt(r["jaxtl_peak_rss_mb"], ".0f")] for r in rows]
     else:
         head = ["phase", "precision", "jaxtl img/s", "torch img/s (best)", "nchw", "ch_last", "ratio",
-                "ratio best blocks", "jaxtl RSS MiB", "torch RSS MiB", "XLA step MiB", "compile s", "load"]
+                "ratio best blocks", "GFLOP/step", "peak TFLOP/s", "jaxtl MFU", "torch MFU", "jaxtl RSS MiB",
+                "torch RSS MiB", "XLA step MiB", "compile s", "load"]
         lines = [[r["phase"], r["precision"], _fmt(r["jaxtl_img_s"], ".2f"),
                   _fmt(r.get("torch_img_s"), ".2f") + (f" ({r['torch_layout']})" if "torch_layout" in r else ""),
                   _fmt(r.get("torch_nchw_img_s"), ".2f"), _fmt(r.get("torch_channels_last_img_s"), ".2f"),
                   _fmt(r.get("ratio"), ".2f"), _fmt(r.get("ratio_best_blocks"), ".2f"),
+                  _fmt(r["jaxtl_gflop_per_step"]), _fmt(r.get("peak_tflops_per_device"), ".3f"),
+                  _fmt(r.get("mfu"), ".1%"), _fmt(r.get("torch_mfu"), ".1%"),
                   _fmt(r["jaxtl_peak_rss_mb"], ".0f"), _fmt(r.get("torch_peak_rss_mb"), ".0f"),
                   _fmt(r["jaxtl_xla_mem_mb"], ".0f"), _fmt(r["jaxtl_compile_s"]),
                   _fmt(r.get("loadavg_1m_end"), ".1f")] for r in rows]
@@ -660,8 +704,9 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
                            "ratio": un and un.get("ratio"), "frozen_no_bn_img_s": fz and fz["jaxtl_img_s"]}
     out["frozen_no_bn_vs_unfrozen"] = (fz["jaxtl_img_s"] / un["jaxtl_img_s"]) if un and fz else None
     out["ratio_best_blocks"] = un and un.get("ratio_best_blocks")
-    if un and "mfu" in un:
-        out["mfu"] = un["mfu"]
+    for key in ("mfu", "torch_mfu", "peak_tflops_per_device"):
+        if un and key in un:
+            out[key] = un[key]
     return out
 
 
@@ -741,7 +786,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     log(f"bench_train: {args.arch} {args.size}px batch {args.batch} on {jax.default_backend()} "
         f"({jax.device_count()} device(s)); torch reference: {'yes' if use_torch else 'no'}")
     peak = PeakRSS()
-    rows = [bench_row(args, phase, prec, peak, use_torch, log) for prec in args.precisions for phase in args.phases]
+    cpu_peaks = {prec: None if accel else measure_cpu_peak(prec, use_torch) for prec in args.precisions}
+    for prec, cp in cpu_peaks.items():
+        if cp is not None:
+            log(f"  CPU matmul peak ({prec}, measured now): " + ", ".join(f"{k} {v:.3f}" for k, v in cp.items())
+                + " TFLOP/s")
+    rows = [bench_row(args, phase, prec, peak, use_torch, log, cpu_peaks[prec])
+            for prec in args.precisions for phase in args.phases]
     print_table(rows, accel)
     result = {**summary(rows), "rows": rows, "env": env_info(args, use_torch)}
     s = result

@@ -266,7 +266,7 @@ class Case:
 
 def _errors():
     from jaxtl.convert import ConversionError, TorchFileError, UnsafePickleError
-    from jaxtl.data.pipeline import DataWarning
+    from jaxtl.data.sources import DataWarning
 
     return ConversionError, TorchFileError, UnsafePickleError, DataWarning
 

@@ -107,6 +107,7 @@ def demo_learner_config(tmp_path_factory):
     return c
 
 
+@pytest.mark.tensorflow  # builds the demo data
 def test_top5_metric_with_five_classes_or_fewer_is_an_error(demo_learner_config, monkeypatch, tmp_path):
     from jaxtl.learner import Learner
 
@@ -117,6 +118,7 @@ def test_top5_metric_with_five_classes_or_fewer_is_an_error(demo_learner_config,
         Learner.from_config(c)
 
 
+@pytest.mark.tensorflow  # builds the demo data
 def test_fine_tune_recipe_passes_moms_and_div_final_on(demo_learner_config, monkeypatch, tmp_path):
     """fastai's fine_tune hands its **kwargs (moms, div_final) to both fit_one_cycle calls."""
     from jaxtl.learner import Learner, run_recipe

@@ -84,6 +84,7 @@ def test_demo_run_leaves_table_history_plots_and_a_model_that_predicts(tmp_path)
     assert again.returncode != 0 and "--resume" in again.stderr
 
 
+@pytest.mark.tensorflow  # builds the demo data
 def test_pets_offline_fails_fast_naming_data_and_weights(tmp_path):
     from jaxtl.data.tfds_items import network_reachable
 

@@ -10,40 +10,32 @@
     bundle.denormalize(images)                 # -> f32 in [0, 1] for plotting
 
 ``show_batch(bundle, "batch.png")`` writes a grid of augmented training images.
+
+The names below load their module on first use (PEP 562), so ``import jaxtl.data`` and ``jaxtl.data.sources`` (the
+choice lists ``jaxtl.config`` validates against) do not import TensorFlow; the modules that run TF ops take it from
+``jaxtl.data.tf_import``.
 """
 
-import sys
-import types
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "AugParams": "augment", "eval_size": "augment", "random_resized_crop_params": "augment",
+    "scan_images": "decode",
+    "make_demo_folder": "demo",
+    "DataBundle": "pipeline", "build_data": "pipeline",
+    "show_batch": "show",
+    "IMAGE_EXTENSIONS": "sources", "DataWarning": "sources", "is_cat": "sources", "list_images": "sources",
+    "random_split": "sources", "resolve_tfds": "sources",
+}
+__all__ = sorted(_EXPORTS)
 
 
-def _import_tensorflow() -> None:
-    """``import tensorflow`` without its eager ``import keras.src.optimizers`` (TF's ``__init__`` loads Keras'
-    optimisers so that Keras SavedModels can find them: ~0.8 s of a ~2.7 s import, Keras and matplotlib with it).
-    jaxtl uses tf.data and tf.image only. The stand-in module lives only during the import, so a later
-    ``import keras`` loads the real one (and registers its optimisers then)."""
-    name = "keras.src.optimizers"
-    if "tensorflow" in sys.modules or name in sys.modules:
-        import tensorflow  # noqa: F401
-        return
-    stand_in = sys.modules[name] = types.ModuleType(name)
-    try:
-        import tensorflow  # noqa: F401
-    finally:
-        if sys.modules.get(name) is stand_in:
-            del sys.modules[name]
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'jaxtl.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"jaxtl.data.{_EXPORTS[name]}"), name)
 
 
-_import_tensorflow()
-
-from jaxtl.data.augment import AugParams, eval_size, random_resized_crop_params  # noqa: E402  (after TF's import)
-from jaxtl.data.decode import scan_images  # noqa: E402
-from jaxtl.data.demo import make_demo_folder  # noqa: E402
-from jaxtl.data.pipeline import DataBundle, DataWarning, build_data  # noqa: E402
-from jaxtl.data.show import show_batch  # noqa: E402
-from jaxtl.data.sources import IMAGE_EXTENSIONS, is_cat, list_images, random_split, resolve_tfds  # noqa: E402
-
-__all__ = [
-    "IMAGE_EXTENSIONS", "AugParams", "DataBundle", "DataWarning", "build_data", "eval_size", "is_cat",
-    "list_images", "make_demo_folder", "random_resized_crop_params", "random_split", "resolve_tfds",
-    "scan_images", "show_batch",
-]
+def __dir__() -> list[str]:
+    return __all__

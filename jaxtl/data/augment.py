@@ -22,6 +22,8 @@ Batch level (float images in [0, 1], ``(B, S, S, 3)``), fastai's ``aug_transform
 * :func:`lighting` -- ``Brightness`` then ``Contrast`` in logit space: ``sigmoid((logit(x) + logit(b)) * c)`` with
   ``b ~ U(0.5(1-l), 0.5(1+l))``, ``c ~ exp(U(log(1-l), -log(1-l)))``, each with probability p_lighting.
 * :func:`normalize` / :func:`denormalize` -- ``(x - mean) / std`` per channel.
+* :func:`batch_aug_params` -- all random draws of :func:`augment_batch` for one batch (affine rows, flip coins,
+  lighting), so the per-pixel work can run on the accelerator (``jaxtl.device_augment``) on the same draws.
 
 All randomness is stateless (``tf.random.stateless_*`` with explicit ``[2]`` int64 seeds), so an image's
 augmentation is a pure function of its seed: resuming mid-epoch reproduces the same batches.
@@ -35,7 +37,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import tensorflow as tf
+
+from jaxtl.data.tf_import import tf
 
 VAL_XTRA = 0.14  # fastai's RandomResizedCrop(val_xtra=0.14)
 LOGIT_EPS = 1e-7  # fastai's logit() clamps to [1e-7, 1 - 1e-7]
@@ -305,20 +308,57 @@ def denormalize(images: np.ndarray, mean: Sequence[float], std: Sequence[float])
     return np.clip(x, 0.0, 1.0)
 
 
+def flip_coins(seed: tf.Tensor, n: int | tf.Tensor) -> tf.Tensor:
+    """``flip_batch``'s per-image coin, bool ``(n,)``: ``U(0, 1) < 0.5``."""
+    return tf.random.stateless_uniform(tf.reshape(tf.cast(n, tf.int32), [1]), tf.cast(seed, tf.int64)) < 0.5
+
+
 def flip_batch(images: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
     """Horizontal flip of each image with probability 0.5 (used when only ``flip`` is on)."""
-    n = tf.shape(images)[:1]
-    do = tf.random.stateless_uniform(n, tf.cast(seed, tf.int64)) < 0.5
+    do = flip_coins(seed, tf.shape(images)[0])
     return tf.where(do[:, None, None, None], tf.reverse(images, axis=[2]), images)
 
 
-def augment_batch(images: tf.Tensor, seed: tf.Tensor, p: AugParams) -> tf.Tensor:
-    """The batch transforms in fastai's order: affine/warp (order 30) then lighting (order 40). [0, 1] floats."""
+def batch_aug_params(seed: tf.Tensor, n: int | tf.Tensor, p: AugParams) -> dict[str, tf.Tensor]:
+    """Every random draw :func:`augment_batch` makes for ``n`` images of side ``p.size`` with ``seed``.
+
+    Keys (always all three, fixed shapes and dtypes, so a batch's structure never depends on ``p``):
+
+    * ``"affine"``: float32 ``(n, 8)`` projective rows (``affine_transforms``) when ``p.has_affine``, else the
+      identity rows ``[1, 0, 0, 0, 1, 0, 0, 0]``;
+    * ``"flip"``: bool ``(n,)`` mirror coins (``flip_batch``), drawn only when ``p.flip`` and not
+      ``p.has_affine`` (all False otherwise);
+    * ``"lighting"``: float32 ``(n, 2)`` = (bright, contrast) (``lighting_draws``) when ``p.augment`` and
+      ``p.max_lighting > 0``, else the neutral (0.5, 1.0).
+
+    The seed is split as :func:`augment_batch` splits it (``k_aff, k_light, k_flip``), so applying these
+    (here or on the accelerator, ``jaxtl.device_augment``) reproduces ``augment_batch`` on the same seed.
+    """
     k_aff, k_light, k_flip = _split(seed, 3)
+    shape = tf.reshape(tf.cast(n, tf.int32), [1])
     if p.has_affine:
-        images = apply_affine(images, affine_transforms(k_aff, tf.shape(images)[0], p.size, p))
-    elif p.flip:
-        images = flip_batch(images, k_flip)
+        affine = affine_transforms(k_aff, n, p.size, p)
+    else:
+        affine = tf.tile(tf.constant([[1, 0, 0, 0, 1, 0, 0, 0]], tf.float32), tf.concat([shape, [1]], 0))
+    flip = flip_coins(k_flip, n) if (p.flip and not p.has_affine) else tf.zeros(shape, tf.bool)
     if p.augment and p.max_lighting > 0:
-        images = lighting(images, k_light, p.max_lighting, p.p_lighting)
+        bright, contrast = lighting_draws(k_light, n, p.max_lighting, p.p_lighting)
+    else:
+        bright, contrast = tf.fill(shape, 0.5), tf.ones(shape, tf.float32)
+    return {"affine": affine, "flip": flip, "lighting": tf.stack([bright, contrast], axis=1)}
+
+
+def augment_batch(images: tf.Tensor, seed: tf.Tensor, p: AugParams) -> tf.Tensor:
+    """The batch transforms in fastai's order: affine/warp (order 30) then lighting (order 40). [0, 1] floats.
+
+    Applies the draws of :func:`batch_aug_params` (``jaxtl.device_augment.augment_batch`` is the same on the
+    accelerator).
+    """
+    d = batch_aug_params(seed, tf.shape(images)[0], p)
+    if p.has_affine:
+        images = apply_affine(images, d["affine"])
+    elif p.flip:
+        images = tf.where(d["flip"][:, None, None, None], tf.reverse(images, axis=[2]), images)
+    if p.augment and p.max_lighting > 0:
+        images = apply_lighting(images, d["lighting"][:, 0], d["lighting"][:, 1])
     return images

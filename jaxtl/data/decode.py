@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import tensorflow as tf
+from jaxtl.data.tf_import import tf
 
 log = logging.getLogger("jaxtl.data")
 

@@ -8,9 +8,9 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
-import tensorflow as tf
 
 from jaxtl.data import augment, decode
+from jaxtl.data.tf_import import tf
 
 
 class EvalTransform:

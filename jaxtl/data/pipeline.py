@@ -25,11 +25,12 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
-import tensorflow as tf
 
 from jaxtl.data import augment, decode, sources, streams, tfds_items
 from jaxtl.data.decode import graph_fn
 from jaxtl.data.eval_transform import EvalTransform
+from jaxtl.data.sources import DataWarning
+from jaxtl.data.tf_import import tf
 
 log = logging.getLogger("jaxtl.data")
 
@@ -38,10 +39,6 @@ try:
     tf.config.set_visible_devices([], "GPU")
 except (RuntimeError, ValueError):  # already initialised by the caller: leave it
     pass
-
-
-class DataWarning(UserWarning):
-    """Something about the data that training can go on with (corrupt files skipped, odd class split)."""
 
 
 def _warn(msg: str) -> None:

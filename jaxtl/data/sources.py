@@ -34,6 +34,10 @@ SOURCES = ("folder", "name_func", "tfds", "demo")  # data.source: build_data's i
 ON_CORRUPT = ("skip", "error")  # data.on_corrupt: what the corrupt-file scan does with unreadable files
 
 
+class DataWarning(UserWarning):
+    """Something about the data that training can go on with (corrupt files skipped, odd class split)."""
+
+
 def list_images(root: str | os.PathLike) -> list[Path]:
     """Image files under ``root`` (recursive, case-insensitive extension, hidden entries skipped), sorted."""
     def unreadable(err: OSError) -> None:  # os.walk would silently skip the folder (and its images)

@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 import numpy as np
-import tensorflow as tf
 
 from jaxtl.data import decode, tfds_items
 from jaxtl.data.decode import graph_fn
+from jaxtl.data.tf_import import tf
 
 
 def key(*parts: int) -> np.ndarray:

@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tensorflow as tf
 
 from jaxtl.data import sources
 from jaxtl.data.decode import graph_fn
+from jaxtl.data.tf_import import tf
 
 FILE_NAME = "file_name"
 VALID_SPLITS = ("validation", "valid", "val", "test")

@@ -43,6 +43,14 @@ def test_bench_train_json_and_table(tmp_path: Path) -> None:
         assert r["jaxtl_xla_mem_mb"] > 0 and r["jaxtl_gflop_per_step"] > 0
         assert len(r["jaxtl_block_img_s"]) == 2
         assert all(v == v for v in (r["jaxtl_loss"], r["torch_nchw_loss"]))  # finite, not NaN
+        # MFU on CPU: the model FLOPs XLA counts for the step, over a matmul peak measured in the same run
+        peak = r["cpu_matmul_tflop_s"]
+        assert peak["peak"] == max(peak["xla"], peak["torch"]) > 0 and r["peak_tflops_per_device"] == peak["peak"]
+        assert r["mfu"] == pytest.approx(r["jaxtl_tflop_s"] / peak["peak"]) and 0 < r["mfu"] < 1
+        assert r["jaxtl_tflop_s"] == pytest.approx(r["jaxtl_gflop_per_step"] * r["jaxtl_img_s"] / 2 / 1e3)
+        assert r["torch_mfu"] == pytest.approx(r["jaxtl_gflop_per_step"] * r["torch_img_s"] / 2 / 1e3 / peak["peak"])
+    assert res["mfu"] == un["mfu"] and res["torch_mfu"] == un["torch_mfu"]
+    assert "jaxtl MFU" in stdout and "torch MFU" in stdout
     # the frozen body runs forward only: far fewer FLOPs than the unfrozen step
     assert fz["jaxtl_gflop_per_step"] < 0.6 * un["jaxtl_gflop_per_step"]
     assert res["env"]["backend"] == "cpu" and res["env"]["jax"]
