@@ -19,6 +19,20 @@ NEEDS_TENSORFLOW = ["data", "test_bad_inputs.py", "test_device_augment.py"]
 collect_ignore = [] if HAVE_TENSORFLOW else NEEDS_TENSORFLOW
 
 
+@pytest.fixture(autouse=True)
+def _float32_matmuls_off_the_cpu():
+    """On a GPU the default float32 matmul/conv is TF32 (and bf16 passes on TPU): the tests compare against float32
+    references (PyTorch, NumPy) at float32 tolerances, so off the CPU they run at "highest" precision. On the CPU
+    that is the default already, and nothing changes. (Subprocesses the tests start keep JAX's default.)"""
+    import jax
+
+    if jax.default_backend() == "cpu":
+        yield
+    else:
+        with jax.default_matmul_precision("highest"):
+            yield
+
+
 def pytest_report_header(config: pytest.Config) -> str | None:
     if HAVE_TENSORFLOW:
         return None

@@ -13,6 +13,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 NO_TF = ROOT / "tests" / "no_tensorflow"
 
@@ -76,6 +78,7 @@ def test_package_model_train_step_and_config_run_without_tensorflow():
     assert "TF modules: []" in r.stdout
 
 
+@pytest.mark.tensorflow
 def test_tensorflow_is_imported_only_when_the_pipeline_is_used():
     r = run_python(f"""
         import sys
