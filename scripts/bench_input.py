@@ -1,6 +1,11 @@
 """Input-pipeline throughput vs the rate a ResNet train step consumes images, on this machine.
 
     python scripts/bench_input.py [--data DIR] [--size 224] [--batch 32] [--step-batch 16] [--json out.json]
+    python scripts/bench_input.py --skip-step --cores 1,2 --json out.json   # host img/s per core
+
+``--cores 1,2`` times the pipeline once per entry, each in a fresh process pinned to that many cores
+(``os.sched_setaffinity``, before TensorFlow starts its thread pools) with ``data.num_workers`` = the core count,
+and reports img/s, img/s per core and the bytes per image the host sends (the batch's ``image`` array).
 
 Pipeline: ``jaxtl.data.build_data`` on ``../shared/data/hymenoptera_data`` (real photos with a GIF, a .jpeg
 and a name with a space) when present, else on generated 500x375 JPEGs; the train batches of several
@@ -57,8 +62,9 @@ def bench_pipeline(data_dir: Path, size: int, batch: int, epochs: int, num_worke
     build_s = time.perf_counter() - t0
     it = bundle.train_batches(0)
     t0 = time.perf_counter()
-    next(it)  # warm-up: tracing, thread start-up
+    b0 = next(it)  # warm-up: tracing, thread start-up
     first_s = time.perf_counter() - t0
+    bytes_per_image = b0["image"].nbytes / len(b0["label"])
     n, t0 = 0, time.perf_counter()
     for b in it:
         n += len(b["label"])
@@ -70,7 +76,27 @@ def bench_pipeline(data_dir: Path, size: int, batch: int, epochs: int, num_worke
     nv = sum(int(b["mask"].sum()) for b in bundle.valid_batches())
     valid_s = time.perf_counter() - t0
     return {"pipeline_img_s": n / train_s, "pipeline_images": n, "valid_img_s": nv / valid_s,
-            "build_s": build_s, "first_batch_s": first_s, "num_train": bundle.num_train}
+            "build_s": build_s, "first_batch_s": first_s, "num_train": bundle.num_train,
+            "bytes_per_image": bytes_per_image, "image_dtype": str(b0["image"].dtype)}
+
+
+def per_core(argv: list[str], cores: list[int]) -> list[dict]:
+    """The pipeline benchmark once per core count, each in its own process pinned to that many cores."""
+    import subprocess
+
+    rows = []
+    for c in cores:
+        with tempfile.TemporaryDirectory() as d:
+            out = Path(d) / "r.json"
+            cmd = [sys.executable, __file__, *argv, "--skip-step", "--pin", str(c), "--num-workers", str(c),
+                   "--json", str(out)]
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            r = json.loads(out.read_text())
+        r["img_s_per_core"] = r["pipeline_img_s"] / c
+        rows.append(r)
+        print(f"{c} core(s): {r['pipeline_img_s']:.1f} img/s, {r['img_s_per_core']:.1f} img/s per core, "
+              f"{r['bytes_per_image']:.0f} bytes/image ({r['image_dtype']})", flush=True)
+    return rows
 
 
 def bench_step(arch: str, size: int, batch: int, iters: int) -> dict[str, float]:
@@ -129,7 +155,19 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--step-iters", type=int, default=3)
     ap.add_argument("--skip-step", action="store_true", help="time the pipeline only")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
+    ap.add_argument("--cores", default="", help="comma-separated core counts: per-core pipeline figures")
+    ap.add_argument("--pin", type=int, default=0, help=argparse.SUPPRESS)  # worker: pin to this many cores
     args = ap.parse_args(argv)
+    if args.pin:
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.pin])
+    if args.cores:
+        keep = ["--size", str(args.size), "--batch", str(args.batch), "--epochs", str(args.epochs)]
+        keep += (["--data", str(args.data)] if args.data else []) + (["--cache"] if args.cache else [])
+        res = {"per_core": per_core(keep, [int(c) for c in args.cores.split(",")])}
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(res, indent=2) + "\n")
+        return res
 
     tmp = None
     data = args.data or (DEFAULT_DATA if DEFAULT_DATA.is_dir() else None)
@@ -154,6 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
             ("pipeline (train, augmented)", f"{res['pipeline_img_s']:.1f} img/s  "
              f"({res['pipeline_images']} images, batch {args.batch})"),
             ("pipeline (validation)", f"{res['valid_img_s']:.1f} img/s"),
+            ("bytes sent per image", f"{res['bytes_per_image']:.0f} ({res['image_dtype']})"),
             ("build_data / first batch", f"{res['build_s']:.2f} s / {res['first_batch_s']:.2f} s")]
     if "step_img_s" in res:
         rows += [(f"{args.arch} train step", f"{res['step_img_s']:.1f} img/s  ({res['step_s']:.2f} s/step at "
