@@ -2,13 +2,20 @@
 
 Layout in the work dir::
 
-    checkpoints/<global_step>/{state,meta}   latest ones (every epoch, and on a requested stop)
-    best/<global_step>/{state,meta}          the best epoch by ``config.train.metric``
+    checkpoints/<global_step>/{state,meta[,metrics]}   every epoch, and on a requested stop
 
-orbax writes each checkpoint into a temporary directory and renames it when complete, so a write interrupted
-half-way leaves the previous checkpoint as the latest loadable one; old checkpoints are deleted only after the
-new one is finalised. Saves are synchronous (the step buffers are donated, and a checkpoint per epoch is cheap
-next to the epoch).
+One orbax ``CheckpointManager`` keeps the latest ``max_to_keep`` checkpoints plus the best one (a
+``LatestN`` + ``BestN`` preservation policy): every checkpoint carries the orbax metrics ``{"best": step}`` when
+it was saved with ``best=True`` and ``{"best": -1}`` otherwise, so the newest best-marked one is the best by
+``config.train.metric`` (the Learner decides, with fastai's strict-improvement rule). A new best is written once,
+not once more as a copy.
+
+Saves are asynchronous (orbax async checkpointing): ``save`` returns once the arrays are copied off the device
+(orbax's synchronous device-to-host transfer, so the next train step may donate them), and the files are written
+in a background thread while training goes on. Every read, ``wait()`` and ``close()`` first waits for writes in
+flight; the Learner waits at the end of each fit. orbax writes each checkpoint into a temporary directory and
+renames it when complete, so a write interrupted half-way leaves the previous checkpoint as the latest loadable
+one; old checkpoints are deleted only after the new one is finalised.
 """
 
 from __future__ import annotations
@@ -23,11 +30,17 @@ import orbax.checkpoint as ocp
 
 PyTree = Any
 VERSION = 1  # of the metadata the Learner writes (``Learner._meta``)
+BEST = "best"  # the orbax metrics key: a best checkpoint's step (the newest mark wins), -1 on the others
 
 
 def _manager(directory: Path, max_to_keep: int) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                           enable_async_checkpointing=False)
+    policies = ocp.checkpoint_managers
+    keep = policies.AnyPreservationPolicy([
+        policies.LatestN(max_to_keep),
+        policies.BestN(get_metric_fn=lambda m: m[BEST], n=1, keep_checkpoints_without_metrics=False)])
+    # best_fn only makes orbax write the metrics; which checkpoints stay is the preservation policy's decision
+    options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=True, preservation_policy=keep,
+                                           best_fn=lambda m: m[BEST], best_mode="max")
     return ocp.CheckpointManager(
         directory.absolute(), options=options,
         item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
@@ -40,69 +53,80 @@ def abstract(tree: PyTree) -> PyTree:
 
 
 class Checkpointer:
-    """Latest + best checkpoints of one run, keyed by the Learner's global step."""
+    """The latest ``max_to_keep`` checkpoints of one run plus its best one, keyed by the Learner's global step."""
 
     def __init__(self, workdir: str | Path, max_to_keep: int = 2) -> None:
         self.workdir = Path(workdir)
-        self._latest = _manager(self.workdir / "checkpoints", max_to_keep)
-        self._best = _manager(self.workdir / "best", 1)
-
-    def _mgr(self, best: bool) -> ocp.CheckpointManager:
-        return self._best if best else self._latest
+        self._mgr = _manager(self.workdir / "checkpoints", max_to_keep)
 
     def save(self, step: int, state: PyTree, meta: dict[str, Any], *, best: bool = False) -> None:
-        """Write ``state`` (a pytree of arrays, one replica) and ``meta`` (JSON-able) as checkpoint ``step``.
-
-        Saving a step that already exists replaces it.
-        """
-        mgr = self._mgr(best)
+        """Start writing ``state`` (a pytree of arrays, one replica) and ``meta`` (JSON-able) as checkpoint ``step``;
+        ``best``: it is also the run's best one (kept until a newer best). Returns before the files are written
+        (``wait()``). Saving a step that already exists replaces it (keeping its best mark)."""
+        mgr = self._mgr
+        mgr.wait_until_finished()
         if step in mgr.all_steps():
+            best = best or self._is_best_mark(step)
             mgr.delete(step)
         mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-                 force=True)
-        mgr.wait_until_finished()
+                 metrics={BEST: int(step) if best else -1}, force=True)
+
+    def wait(self) -> None:
+        """Block until every checkpoint write in flight is on disk (re-raises a failed write's error)."""
+        self._mgr.wait_until_finished()
+
+    def _is_best_mark(self, step: int) -> bool:
+        m = self._mgr.metrics(step)
+        return isinstance(m, Mapping) and int(m.get(BEST, -1)) >= 0
 
     def latest_step(self, *, best: bool = False) -> int | None:
-        mgr = self._mgr(best)
-        mgr.reload()
-        return mgr.latest_step()
+        """The newest checkpoint's step, or with ``best`` the best one's (None when there is none)."""
+        steps = self.all_steps(best=best)
+        return steps[-1] if steps else None
 
     def all_steps(self, *, best: bool = False) -> list[int]:
-        mgr = self._mgr(best)
-        mgr.reload()
-        return sorted(mgr.all_steps())
+        """Steps of the kept checkpoints (``best``: ``[the best step]`` or ``[]``)."""
+        self.wait()
+        self._mgr.reload()
+        steps = sorted(self._mgr.all_steps())
+        if best:
+            marked = [s for s in steps if self._is_best_mark(s)]
+            return marked[-1:]
+        return steps
 
     def restore_meta(self, step: int | None = None, *, best: bool = False) -> dict[str, Any]:
-        """The JSON metadata of ``step`` (default: the latest)."""
+        """The JSON metadata of ``step`` (default: the latest, or the best)."""
         step = self._resolve(step, best)
-        out = self._mgr(best).restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        out = self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return out["meta"]
 
     def restore_state(self, target: PyTree | None, step: int | None = None, *, best: bool = False) -> PyTree:
-        """The state of ``step`` (default latest) shaped like ``target`` (arrays or ``abstract(...)``; its
-        shardings are used). ``target=None`` returns the raw saved tree (nested dicts of arrays) with the saved
-        sharding, or on this process's first device when the saving devices do not exist here (a checkpoint of a
-        run with another process or device count)."""
+        """The state of ``step`` (default latest, or the best) shaped like ``target`` (arrays or
+        ``abstract(...)``; its shardings are used). ``target=None`` returns the raw saved tree (nested dicts of
+        arrays) with the saved sharding, or on this process's first device when the saving devices do not exist
+        here (a checkpoint of a run with another process or device count)."""
         step = self._resolve(step, best)
         if target is None:
             local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
             restore = ocp.args.StandardRestore(None, fallback_sharding=local)
         else:
             restore = ocp.args.StandardRestore(abstract(target))
-        out = self._mgr(best).restore(step, args=ocp.args.Composite(state=restore))
+        out = self._mgr.restore(step, args=ocp.args.Composite(state=restore))
         return out["state"]
 
     def _resolve(self, step: int | None, best: bool) -> int:
         if step is None:
             step = self.latest_step(best=best)
+        else:
+            self.wait()
         if step is None:
-            where = self.workdir / ("best" if best else "checkpoints")
-            raise FileNotFoundError(f"no checkpoint found in {where}; train first (train.checkpoint=True)")
+            what = "best checkpoint" if best else "checkpoint"
+            raise FileNotFoundError(f"no {what} found in {self.workdir / 'checkpoints'}; train first "
+                                    "(train.checkpoint=True)")
         return step
 
     def close(self) -> None:
-        self._latest.close()
-        self._best.close()
+        self._mgr.close()  # waits for writes in flight
 
 
 def load_variables(workdir: str | Path, *, best: bool = True) -> dict[str, PyTree]:

@@ -122,6 +122,7 @@ def base_config() -> ml_collections.ConfigDict:
     t.metric = "error_rate"  # checkpoint-selection metric (lower is better)
     t.checkpoint = True
     t.max_steps = 0  # stop each fit after this many steps (0 = no limit; for smoke tests)
+    t.sync_every = 0  # steps between host reads of the losses (0 = auto: 1 on CPU, 16 on GPU/TPU)
     t.compile_cache_dir = ""  # JAX persistent compilation cache ('' = ~/.cache/jaxtl/xla)
     t.distributed = False  # call jax.distributed.initialize() (multi-host)
 
@@ -205,6 +206,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         ("train.epochs", config.train.epochs, config.train.epochs >= 0, ">= 0"),
         ("train.freeze_epochs", config.train.freeze_epochs, config.train.freeze_epochs >= 0, ">= 0"),
         ("train.max_steps", config.train.max_steps, config.train.max_steps >= 0, ">= 0 (0 = no limit)"),
+        ("train.sync_every", config.train.sync_every, config.train.sync_every >= 0, ">= 0 (0 = auto)"),
         ("train.div_final", config.train.div_final, config.train.div_final > 0, "> 0"),
         ("data.size", config.data.size, config.data.size >= 1, ">= 1"),
         ("data.std", config.data.std, all(v > 0 for v in config.data.std), "positive"),

@@ -104,6 +104,8 @@ def fit_phase(learn: Any, epochs: int, lrs: Sequence[float], div: float, div_fin
                                               lambda e, s: learn.data.train_batches(learn.data_epoch, s), plan,
                                               learn._smooth, on_loss, on_epoch_end,
                                               label=lambda e: f"epoch {learn.data_epoch}")
+    if learn._ckpt is not None:
+        learn._ckpt.wait()  # the phase's checkpoint writes overlapped its epochs; on disk before the fit returns
     if reason in ("diverged", "interrupted"):
         learn.stopped_early = True
         message = learn.stop_reason
@@ -200,9 +202,7 @@ def save(learn: Any, phase: int, epochs: int, pos: tuple[int, int], row: dict[st
         "best_metric": learn.best_metric, "metric": metric, "classes": learn.classes,
         "config": learn.config.to_dict() if hasattr(learn.config, "to_dict") else {}})
     state = learn.par.get_state(learn.state)
-    learn._ckpt.save(learn.global_step, state, meta)
-    if is_best:
-        learn._ckpt.save(learn.global_step, state, meta, best=True)
+    learn._ckpt.save(learn.global_step, state, meta, best=is_best)  # asynchronous; one copy when best
 
 
 def restore(learn: Any, meta: dict[str, Any], tx: Any) -> tuple[int, int]:

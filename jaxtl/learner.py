@@ -95,8 +95,8 @@ class Learner:
         self._eval = self.par.eval_step(make_eval_step(self.model, axis_name=self.par.model_axis_name))
         self._predict = self.par.predict_step(make_predict_step(self.model))
         self._train_step: Any = None
-        self._loop = loop.Loop(self.par.put_batch, self.par.scalar, self.global_batch, self._stop_agreed,
-                               show=self.is_main)
+        self._loop = loop.Loop(self.par.put_batch, self.par.fetch, self.global_batch, self._stop_agreed,
+                               show=self.is_main, sync_every=sync_every(int(t.sync_every)))
         self._validate_s = 0.0
 
     @classmethod
@@ -164,10 +164,13 @@ class Learner:
 
     def _stop_agreed(self, in_flight: Any = None) -> bool:
         """Whether to stop after this step. With several processes a signal may reach only some of them (or at
-        different steps), so the request is OR-ed over processes each step and all stop together (one tiny
-        collective per step). It waits for the step ``in_flight`` first, so that it never runs beside another
-        collective program (parallel.py, "One collective program at a time")."""
+        different steps), so after every ``train.sync_every``-th step (``in_flight`` = that step) the request is
+        OR-ed over processes and all stop together; after the other steps the answer is no. It waits for the step
+        ``in_flight`` first, so that the agreement never runs beside another collective program (parallel.py, "One
+        collective program at a time"). One process: the request, at once."""
         if jax.process_count() > 1:
+            if in_flight is None:
+                return False
             jax.block_until_ready(in_flight)
             self._stop_requested = parallel.any_process(self._stop_requested)
         return self._stop_requested
@@ -352,6 +355,19 @@ class Learner:
 
 
 # ---------------------------------------------------------------------------------------------- recipes
+SYNC_EVERY_AUTO = {"cpu": 1}  # train.sync_every=0 by backend; elsewhere (GPU/TPU) SYNC_EVERY_ACCELERATOR
+SYNC_EVERY_ACCELERATOR = 16
+
+
+def sync_every(value: int, backend: str | None = None) -> int:
+    """``train.sync_every`` -> steps between the loop's host reads: ``0`` (auto) is 1 on the CPU (fastai's bar,
+    each loss one step late; the step takes seconds there) and 16 on a GPU/TPU (one read per 16 steps)."""
+    if value:
+        return value
+    backend = jax.default_backend() if backend is None else backend
+    return SYNC_EVERY_AUTO.get(backend, SYNC_EVERY_ACCELERATOR)
+
+
 def run_recipe(learn: Learner, config: ml_collections.ConfigDict | None = None,
                resume: bool = False) -> dict[str, Any]:
     """Run ``config.train.recipe`` (``schedules.RECIPES``) on ``learn``; returns a summary dict.

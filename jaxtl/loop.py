@@ -10,8 +10,15 @@ A run ends for one of these reasons (``Loop.run`` returns it): ``None`` (every e
 (``stop_requested()`` said so after a step), ``"max_steps"`` (the step budget ran out), or the reason a hook
 returned (e.g. ``"diverged"``). A hook's stop from ``on_loss`` ends the run at once, without ``on_epoch_end``.
 
-The loss of step ``k`` is fetched after step ``k + 1`` was dispatched, so the device queue stays full; at an
-epoch's end the last loss is fetched before ``on_epoch_end`` runs.
+Host reads (``train.sync_every`` = N): losses stay on the device and are fetched N at a time, in one call of
+``fetch`` (the loop's one device-to-host point), after the step that follows them was dispatched, so the device
+queue never drains; at an epoch's end the rest are fetched before ``on_epoch_end`` runs. ``stop_requested`` gets
+the step just dispatched after every N-th step of a run and None otherwise (the multi-process stop agreement is a
+collective that waits for that step: once per N steps, not per step). Everything else in the steady state runs
+under ``jax.transfer_guard_device_to_host(Loop.transfer_guard)`` (``"allow"``; the tests set ``"disallow"``, which
+raises off the CPU on any other read).
+N = 1 is fastai's per-step bar (each loss one step late); a stop from ``on_loss`` (a NaN, lr_find's divergence)
+is seen at the next sync point, with the step it names.
 
 :func:`stop_on_signals` is jaxtl's one SIGINT / SIGTERM handler, used by ``jaxtl.main`` for the whole recipe and
 by the Learner around each fit when nothing else handles SIGINT.
@@ -35,6 +42,7 @@ from jaxtl import metrics, progress
 
 PyTree = Any
 OnLoss = Callable[[int, float, float], str | None]  # (step of the run, loss, head lr) -> stop reason or None
+Fetch = Callable[[list[Any]], list[float]]  # device scalars (losses) -> host floats, in one transfer
 
 
 @dataclass(frozen=True)
@@ -64,16 +72,21 @@ class Plan:
 
 
 class Loop:
-    """Runs plans. ``put_batch`` / ``scalar`` come from ``jaxtl.parallel.DataParallel``; ``stop_requested(x)``
-    is asked after every step (``x``: the step's output, for multi-process agreement). ``timings`` sums wall
-    seconds by activity over the loop's life (``scripts/bench_e2e.py``): waiting for the input pipeline, the first
-    step of each run (trace + compile or cache load), later steps."""
+    """Runs plans. ``put_batch`` / ``fetch`` come from ``jaxtl.parallel.DataParallel``; ``stop_requested(x)`` is
+    asked after every step, with ``x`` the step just dispatched after every ``sync_every``-th step of a run (a
+    multi-process agreement may run then) and None after the others. ``timings`` sums wall seconds by activity over
+    the loop's life (``scripts/bench_e2e.py``): waiting for the input pipeline, the first step of each run (trace
+    + compile or cache load), later steps. ``fetches`` counts calls of ``fetch``."""
 
-    def __init__(self, put_batch: Callable[[Any], Any], scalar: Callable[[Any], float], global_batch: int,
-                 stop_requested: Callable[[Any], bool], show: bool = True) -> None:
-        self.put_batch, self.scalar = put_batch, scalar
-        self.global_batch, self.show = global_batch, show
+    def __init__(self, put_batch: Callable[[Any], Any], fetch: Fetch, global_batch: int,
+                 stop_requested: Callable[[Any], bool], show: bool = True, sync_every: int = 1) -> None:
+        if sync_every < 1:
+            raise ValueError(f"sync_every must be >= 1, got {sync_every}")
+        self.put_batch, self.fetch = put_batch, fetch
+        self.global_batch, self.show, self.sync_every = global_batch, show, sync_every
         self.stop_requested = stop_requested
+        self.transfer_guard = "allow"  # jax.transfer_guard_device_to_host level of the steady state
+        self.fetches = 0
         self.timings = {"data_wait": 0.0, "first_step": 0.0, "step": 0.0}
         self.first_step_done_at: float | None = None  # time.time() when the first step finished
 
@@ -107,56 +120,72 @@ class Loop:
             -> tuple[PyTree, int, str | None, int]:
         """One epoch from batch ``done``; ``first`` = the run step of its batch 0. Returns (state, batches done,
         reason it ended early or None, steps run)."""
-        reason, pending = None, None
+        reason, pending = None, []  # pending: (device loss, run step) not yet read
         t_wait = time.perf_counter()
         it = iter(batches)  # builds the input pipeline
         self.timings["data_wait"] += time.perf_counter() - t_wait
         try:
-            while True:
-                t_wait = time.perf_counter()
-                batch = next(it, None)
-                t_step = time.perf_counter()
-                self.timings["data_wait"] += t_step - t_wait
-                if batch is None:
-                    break
-                state, out = step(state, self.put_batch(batch))
-                if steps_run == 0:  # the run's first call traces + compiles (or loads from the cache)
-                    jax.block_until_ready(out["loss"])
-                    self.timings["first_step"] += time.perf_counter() - t_step
-                    self.first_step_done_at = self.first_step_done_at or time.time()
+            with jax.transfer_guard_device_to_host(self.transfer_guard):
+                while True:
+                    t_wait = time.perf_counter()
+                    batch = next(it, None)
                     t_step = time.perf_counter()
-                steps_run += 1
-                if pending is not None:
-                    reason = self._finish(pending, plan, *hooks)  # waits for the previous step's loss
-                pending = (out["loss"], first + done)
-                done += 1
-                self.timings["step"] += time.perf_counter() - t_step
-                if reason is not None:
-                    return state, done, reason, steps_run
-                if self.stop_requested(out["loss"]):
-                    reason = "interrupted"
-                    break
-                if plan.max_steps and steps_run >= plan.max_steps and done < plan.steps_per_epoch:
-                    reason = "max_steps"
-                    break
-            if pending is not None:
+                    self.timings["data_wait"] += t_step - t_wait
+                    if batch is None:
+                        break
+                    state, out = step(state, self.put_batch(batch))
+                    if steps_run == 0:  # the run's first call traces + compiles (or loads from the cache)
+                        jax.block_until_ready(out["loss"])
+                        self.timings["first_step"] += time.perf_counter() - t_step
+                        self.first_step_done_at = self.first_step_done_at or time.time()
+                        t_step = time.perf_counter()
+                    steps_run += 1
+                    sync = len(pending) >= self.sync_every  # read them while this step runs
+                    if sync:
+                        reason = self._flush(pending, plan, *hooks)
+                    pending.append((out["loss"], first + done))
+                    done += 1
+                    self.timings["step"] += time.perf_counter() - t_step
+                    if reason is not None:
+                        return state, done, reason, steps_run
+                    if self._stop(out["loss"] if steps_run % self.sync_every == 0 else None):
+                        reason = "interrupted"
+                        break
+                    if plan.max_steps and steps_run >= plan.max_steps and done < plan.steps_per_epoch:
+                        reason = "max_steps"
+                        break
+            if pending:
                 t_host = time.perf_counter()
-                reason = self._finish(pending, plan, *hooks) or reason
+                reason = self._flush(pending, plan, *hooks) or reason
                 self.timings["step"] += time.perf_counter() - t_host
         finally:
             hooks[2].close()
         return state, done, reason, steps_run
 
-    def _finish(self, pending: tuple[Any, int], plan: Plan, smooth: metrics.SmoothLoss, on_loss: OnLoss,
-                bar: progress.ProgressBar) -> str | None:
-        """Host side of one finished step: its loss into the smoother, to ``on_loss``, and on the bar."""
-        loss_arr, run_step = pending
-        loss = self.scalar(loss_arr)
-        lr = float(plan.lrs[min(run_step, len(plan.lrs) - 1)])
-        smooth.update(loss)
-        reason = on_loss(run_step, loss, lr)
-        bar.update(smooth.value, lr)
-        return reason
+    def _stop(self, in_flight: Any) -> bool:
+        if in_flight is None:
+            return self.stop_requested(None)
+        with jax.transfer_guard_device_to_host("allow"):  # a sync point: the stop agreement may read
+            return self.stop_requested(in_flight)
+
+    def _flush(self, pending: list[tuple[Any, int]], plan: Plan, smooth: metrics.SmoothLoss, on_loss: OnLoss,
+               bar: progress.ProgressBar) -> str | None:
+        """The loop's one device-to-host point: read the pending losses in one ``fetch`` (waits for their steps),
+        then the host side of each step in order -- its loss into the smoother, to ``on_loss``, on the bar --
+        until ``on_loss`` returns a stop reason. Empties ``pending``."""
+        with jax.transfer_guard_device_to_host("allow"):
+            losses = self.fetch([x for x, _ in pending])
+        self.fetches += 1
+        steps = [s for _, s in pending]
+        pending.clear()
+        for loss, run_step in zip(losses, steps, strict=True):
+            lr = float(plan.lrs[min(run_step, len(plan.lrs) - 1)])
+            smooth.update(loss)
+            reason = on_loss(run_step, loss, lr)
+            bar.update(smooth.value, lr)
+            if reason is not None:
+                return reason
+        return None
 
 
 # ---------------------------------------------------------------------------------------------- signals

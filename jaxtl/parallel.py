@@ -142,6 +142,11 @@ class DataParallel:
         first local replica: no program runs (``x[0]`` of a pmap output would be an all-reduce)."""
         return float(np.asarray(x.addressable_data(0)).reshape(-1)[0])
 
+    def fetch(self, xs: list[jax.Array]) -> list[float]:
+        """Replicated scalars (a run of step losses) as Python floats, in one ``jax.device_get`` of each one's first
+        local replica (every copy is started before any is waited for; no program runs)."""
+        return [float(np.asarray(v).reshape(-1)[0]) for v in jax.device_get([x.addressable_data(0) for x in xs])]
+
     # ---- step wrapping ---------------------------------------------------------------------------------
     def train_step(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         """Compile ``fn(state, batch) -> (state, metrics)``; the input state's buffers are donated."""

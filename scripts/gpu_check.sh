@@ -46,7 +46,7 @@ if [ "$DRY" = 1 ]; then
   PROBE=(--arch resnet18 --size 32 --batch 2 --kernels auto,plain)
 else
   TESTS=(tests/models tests/optim tests/convert tests/test_train.py tests/test_tf_free.py tests/test_parallel.py
-         tests/test_groups.py tests/test_schedules.py); WORKERS=4
+         tests/test_groups.py tests/test_schedules.py tests/test_loop.py); WORKERS=4
   BENCH=(--arch resnet50 --size 224 --batch 256)
   PROBE=(--arch resnet50 --size 224 --batch 8 --kernels auto)
 fi

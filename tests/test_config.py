@@ -54,6 +54,7 @@ def test_misspelled_override_is_rejected_with_closest_names():
     ("optim.name", "adagrad", "choose one of"),
     ("data.source", "folders", "did you mean 'folder'"),
     ("data.label", "by_parent", "regex:<pattern>"),
+    ("train.sync_every", -1, ">= 0"),
 ])
 def test_bad_values_name_the_field(field, value, msg):
     cfg = base_config()

@@ -49,6 +49,7 @@ OTHER = {  # field -> another valid value
     "train.precision": "bfloat16" if jax.default_backend() == "cpu" else "float32",  # not what "auto" picks here
     "train.parallel": "pmap", "train.metric": "valid_loss", "train.checkpoint": False,
     "train.max_steps": {"lr_find": 20, None: 3},  # per recipe: lr_find needs > 15 steps to suggest a rate
+    "train.sync_every": 2,  # auto is 1 on the CPU
     "train.compile_cache_dir": "<tmp>/other_xla", "train.distributed": True,
     "optim.name": "sgd", "optim.wd": 0.1, "optim.b2": 0.9, "optim.eps": 1e-3, "optim.nesterov": True,
     "model.arch": "resnet34", "model.pretrained": "", "model.head": "linear", "model.head_dropout": 0.2,
@@ -166,6 +167,7 @@ def recorder(monkeypatch, tmp_path):
             learn.close()
             jax.config.update("jax_compilation_cache_dir", old_cache)
         return {**events, "model": _no_addresses(repr(learn.model)), "parallel": learn.par.mode,
+                "sync_every": learn._loop.sync_every,
                 "checkpointer": learn._ckpt is not None, "best": learn.best_metric}
 
     yield effect

@@ -27,14 +27,18 @@ def toy_step(state, batch):
     return state + batch["x"], {"loss": batch["x"]}
 
 
-def toy_loop(stop_at=None):
-    asked = []
+def toy_loop(stop_at=None, sync_every=1):
+    asked = []  # what stop_requested got: the step in flight at a sync point, None between them
 
     def stop_requested(x):
-        asked.append(float(x))
+        asked.append(None if x is None else float(x))
         return stop_at is not None and len(asked) >= stop_at
 
-    return loop.Loop(lambda b: {"x": jnp.float32(b)}, float, 1, stop_requested, show=False), asked
+    def fetch(xs):
+        return [float(x) for x in xs]
+
+    return loop.Loop(lambda b: {"x": jnp.float32(b)}, fetch, 1, stop_requested, show=False,
+                     sync_every=sync_every), asked
 
 
 def batches(e, s):
@@ -67,7 +71,10 @@ def test_every_step_once_in_order_with_its_lr_and_epoch_ends():
     assert [s[:2] for s in seen] == [(0, 0), (1, 1), (2, 2), (3, 10), (4, 11), (5, 12)]
     assert [s[2] for s in seen] == pytest.approx([0, 0.01, 0.02, 0.03, 0.04, 0.05])
     assert ends == [(3.0, 0, 3, None), (36.0, 1, 3, None)]  # the state after each epoch's last step
+    # sync_every=1: the stop agreement after every step; after each step but an epoch's first, the previous loss
+    # is read while this one runs
     assert asked == [0, 1, 2, 10, 11, 12] and lp.first_step_done_at is not None
+    assert lp.fetches == 6
 
 
 def test_resume_position_and_max_steps_mid_epoch():
@@ -91,6 +98,57 @@ def test_interrupt_and_epoch_end_decisions():
     lp, _ = toy_loop()
     state, reason, seen, ends = run(lp, plan(), on_epoch_end=lambda end: "diverged")
     assert reason == "diverged" and len(ends) == 1 and len(seen) == 3
+
+
+class Tripwire:
+    """A device loss stand-in that fails when anything but the loop's fetch reads it (``float``, ``np.asarray``,
+    ``bool``, ``int``, ``jax.device_get``): the CPU check that the steady state has no host read outside the
+    fetch point (on the CPU ``jax.transfer_guard_device_to_host`` does not fire; off it the guard test below does)."""
+
+    def __init__(self, v):
+        self.v = v
+
+    def _read(self, *a, **k):
+        raise AssertionError("a step's loss was read outside the loop's fetch point")
+
+    __float__ = __int__ = __bool__ = __index__ = __array__ = __jax_array__ = _read
+
+    def block_until_ready(self):
+        return self
+
+
+@pytest.mark.parametrize("sync_every,spe", [(1, 3), (3, 7), (4, 8), (10, 4)])
+def test_losses_are_read_only_at_the_fetch_point_every_sync_every_steps(sync_every, spe):
+    fetched = []
+
+    def fetch(xs):
+        assert all(isinstance(x, Tripwire) for x in xs)
+        fetched.append([x.v for x in xs])
+        return [float(x.v) for x in xs]
+
+    asked = []
+    lp = loop.Loop(lambda b: b, fetch, 1, lambda x: asked.append(x) or False, show=False, sync_every=sync_every)
+    seen = []
+    state, reason = lp.run(lambda st, b: (st + b, {"loss": Tripwire(b)}), 0, lambda e, s: range(10 * e, 10 * e + spe),
+                           loop.Plan(2, spe, np.zeros(2 * spe)), metrics.SmoothLoss(),
+                           lambda step, loss, lr: seen.append((step, loss)) or None)
+    assert reason is None and lp.fetches == len(fetched) == 2 * -(-spe // sync_every)
+    per_epoch = [list(range(10 * e, 10 * e + spe)) for e in range(2)]
+    assert [v for f in fetched for v in f] == [v for e in per_epoch for v in e]  # each loss once, in order
+    assert all(len(f) == sync_every for f in fetched if f[-1] % 10 != spe - 1)  # full runs but an epoch's last
+    assert seen == [(e * spe + i, float(v)) for e in range(2) for i, v in enumerate(per_epoch[e])]
+    # the stop agreement is offered the step just dispatched after every sync_every-th step of the run only
+    run_values = [v for e in per_epoch for v in e]
+    assert len(asked) == 2 * spe
+    expect = [v if (r + 1) % sync_every == 0 else None for r, v in enumerate(run_values)]
+    assert [None if x is None else x.v for x in asked] == expect
+
+
+def test_a_stop_from_on_loss_is_seen_at_the_next_sync_point():
+    lp, _ = toy_loop(sync_every=3)
+    state, reason, seen, ends = run(lp, plan(epochs=1), on_loss=lambda step, loss: "diverged" if loss == 1 else None)
+    assert reason == "diverged" and ends == [] and [s[0] for s in seen] == [0, 1]  # reported steps stop at 1
+    assert state == 0 + 1 + 2  # every batch of the epoch was dispatched before the read at its end
 
 
 # ------------------------------------------------------------------------------------------ the Learner
@@ -142,3 +200,30 @@ def test_a_step_changes_exactly_the_leaves_the_mask_marks_trainable(init_vars, r
             after = jax.tree.map(np.array, learn.variables["params"])
             changed = jax.tree.map(lambda a, b: a.tobytes() != b.tobytes(), after, before)
             assert changed == mask, (n, train_bn, reset_opt)
+
+
+def test_sync_every_changes_only_when_losses_are_read_and_the_steady_state_reads_nothing_else(init_vars):
+    """fit_one_cycle with losses read every 4 steps equals the per-step run (same parameters, losses, history);
+    the loop fetches once per 4 steps (plus an epoch's rest) and runs its steady state under
+    ``transfer_guard_device_to_host("disallow")`` (fires on a GPU/TPU on any other read: gpu_check runs this)."""
+    model, v = init_vars
+    runs = {}
+    for n in (1, 4):
+        learn = Learner(model, v, TinyBundle(n_train=36), config(sync_every=n))  # 9 steps per epoch
+        assert learn._loop.sync_every == n
+        learn._loop.transfer_guard = "disallow"
+        learn.fit_one_cycle(2, 1e-3)
+        runs[n] = learn
+        assert learn._loop.fetches == 2 * -(-9 // n) and len(learn.step_losses) == 18 and learn.global_step == 18
+    a, b = runs[1], runs[4]
+    assert a.step_losses == b.step_losses
+    assert [r["valid_loss"] for r in a.history] == [r["valid_loss"] for r in b.history]
+    for x, y in zip(jax.tree.leaves(a.variables), jax.tree.leaves(b.variables), strict=True):
+        assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
+
+
+def test_sync_every_auto_is_per_backend():
+    from jaxtl.learner import sync_every
+
+    assert sync_every(0, "cpu") == 1 and sync_every(0, "gpu") == sync_every(0, "tpu") == 16
+    assert sync_every(5, "cpu") == sync_every(5, "gpu") == 5

@@ -25,6 +25,7 @@ def main() -> None:
     while True:
         print(f"saving {step}", flush=True)
         ck.save(step, state(step), {"step": step})
+        ck.wait()  # saves are asynchronous: "saved" means on disk
         print(f"saved {step}", flush=True)
         step += 1
 
