@@ -9,7 +9,11 @@ work, transcribing the TF ops ``jaxtl.data.augment.augment_batch`` + ``normalize
 * :func:`flip` -- horizontal mirror of the chosen images;
 * :func:`apply_lighting` -- fastai's Brightness then Contrast in logit space;
 * :func:`normalize` -- ``(x - mean) * (1 / std)`` per channel;
-* :func:`augment_batch` / :func:`eval_batch` -- the whole uint8 -> normalised-float batch transform.
+* :func:`augment_batch` / :func:`eval_batch` -- the whole uint8 -> normalised-float batch transform;
+* :class:`BatchTransform` -- what the train / eval / predict steps apply (``jaxtl.train``): the pipeline's
+  uint8 batches (with their ``batch_aug_params`` draws under the keys ``"affine"``, ``"flip"``, ``"lighting"``)
+  are augmented and normalised on the device; float images (already normalised, e.g. from ``preprocess_eval`` or
+  a user's arrays) pass through unchanged.
 
 All arithmetic is float32, in the same order as the TF kernels, so results agree with the host to float32
 rounding (about 1e-6 on [0, 1] images). This module must not import TensorFlow or ``jaxtl.data``: it runs
@@ -19,6 +23,7 @@ inside jitted code and must import where TensorFlow is absent.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -182,3 +187,53 @@ def eval_batch(images_uint8: jax.Array, mean: Sequence[float], std: Sequence[flo
                ) -> jax.Array:
     """The evaluation batch transform: ``normalize(u8 / 255)`` cast to ``dtype``."""
     return normalize(_div(images_uint8.astype(F32), 255.0), mean, std).astype(dtype)
+
+
+# data.augment_device: where fastai's batch transforms (warp, flip, lighting, normalisation) run. "device" (the
+# default): inside the jitted step, the pipeline sends uint8 + the draws (as fastai runs them on the GPU); "host":
+# in the tf.data pipeline, which sends normalised float32 (the path before; for A/B runs and debugging). On 2 CPU
+# cores the two measured the same step time (docs/performance.md).
+AUGMENT_DEVICES = ("device", "host")
+
+
+def augment_on_device(value: str) -> bool:
+    """``data.augment_device`` -> True when the batch transforms run inside the step."""
+    if value not in AUGMENT_DEVICES:
+        raise ValueError(f"config field data.augment_device={value!r} is not valid; choose one of "
+                         f"{list(AUGMENT_DEVICES)}")
+    return value == "device"
+
+
+@dataclass(frozen=True)
+class BatchTransform:
+    """The image transform of the jitted steps (static: hashable, part of the compiled program).
+
+    ``train(batch)``: uint8 ``batch["image"]`` -> :func:`augment_batch` with the batch's draws; ``eval(images)``:
+    uint8 -> :func:`eval_batch`. Images of any other dtype are taken as already normalised and returned as they
+    are (so a float batch and its uint8 source give the same model input when the float one was made by the host
+    transform). ``mean``/``std``: ``data.mean``/``data.std``; the switches: :func:`static_flags`.
+    """
+
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    has_affine: bool = False
+    flip: bool = False
+    lighting: bool = False
+
+    @classmethod
+    def for_data(cls, data: Any) -> BatchTransform:
+        """From a data bundle's ``mean``, ``std`` and ``aug`` (``AugParams``; none: no augmentation)."""
+        aug = getattr(data, "aug", None)
+        flags = static_flags(aug) if aug is not None else {}
+        return cls(tuple(float(m) for m in data.mean), tuple(float(v) for v in data.std), **flags)
+
+    def train(self, batch: Mapping[str, jax.Array]) -> jax.Array:
+        images = batch["image"]
+        if images.dtype != jnp.uint8:
+            return images
+        return augment_batch(images, batch, self.has_affine, self.flip, self.lighting, self.mean, self.std)
+
+    def eval(self, images: jax.Array) -> jax.Array:
+        if images.dtype != jnp.uint8:
+            return images
+        return eval_batch(images, self.mean, self.std)

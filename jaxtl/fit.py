@@ -57,8 +57,8 @@ def fit_phase(learn: Any, epochs: int, lrs: Sequence[float], div: float, div_fin
     else:
         prepare_opt_state(learn, tx)
         learn._smooth.reset()  # fastai resets the smoothed loss at each fit
-    learn._train_step = learn.par.train_step(make_train_step(learn.model, tx, mask,
-                                                             axis_name=learn.par.model_axis_name))
+    learn._train_step = learn.par.train_step(make_train_step(learn.model, tx, mask, axis_name=learn.par.model_axis_name,
+                                                             transform=learn.transform))
     head_lrs = np.asarray(jax.jit(jax.vmap(lr_sched))(jnp.arange(epochs * spe)))[:, -1]
     plan = loop.Plan(epochs, spe, head_lrs, start, int(learn.config.train.max_steps))
     rows: list[dict[str, Any]] = []
@@ -127,7 +127,8 @@ def lr_find(learn: Any, start_lr: float, end_lr: float, num_it: int, stop_div: b
     sched = schedules.lr_find_schedule(start_lr, end_lr, num_it)
     mask = learn.trainable_mask()
     tx = optimizer(learn, [sched] * groups.N_GROUPS, None, mask)
-    step = learn.par.train_step(make_train_step(learn.model, tx, mask, axis_name=learn.par.model_axis_name))
+    step = learn.par.train_step(make_train_step(learn.model, tx, mask, axis_name=learn.par.model_axis_name,
+                                                transform=learn.transform))
     spe = int(learn.data.steps_per_epoch)
     plan = loop.Plan(-(-n_it // spe), spe, np.asarray(jax.jit(jax.vmap(sched))(jnp.arange(n_it))), (0, 0), n_it)
     smooth, lrs, losses, best = metrics.SmoothLoss(), [], [], [math.inf]

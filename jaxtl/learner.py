@@ -40,6 +40,7 @@ import ml_collections
 import numpy as np
 
 from jaxtl import checkpoint, fit, groups, loop, metrics, parallel, progress, schedules
+from jaxtl.device_augment import BatchTransform
 from jaxtl.predict import predict_in_batches
 from jaxtl.train import TrainState, compute_dtype, make_eval_step, make_predict_step
 
@@ -92,8 +93,11 @@ class Learner:
         self._smooth = metrics.SmoothLoss()
         self._ckpt = checkpoint.Checkpointer(self.workdir) if self.workdir is not None and bool(t.checkpoint) else None
         self._logger = progress.HistoryLogger(self.workdir, enabled=self.is_main) if self.workdir else None
-        self._eval = self.par.eval_step(make_eval_step(self.model, axis_name=self.par.model_axis_name))
-        self._predict = self.par.predict_step(make_predict_step(self.model))
+        # the pipeline's uint8 batches are augmented and normalised on the device, inside the steps
+        self.transform = BatchTransform.for_data(data)
+        self._eval = self.par.eval_step(make_eval_step(self.model, axis_name=self.par.model_axis_name,
+                                                       transform=self.transform))
+        self._predict = self.par.predict_step(make_predict_step(self.model, self.transform))
         self._train_step: Any = None
         self._loop = loop.Loop(self.par.put_batch, self.par.fetch, self.global_batch, self._stop_agreed,
                                show=self.is_main, sync_every=sync_every(int(t.sync_every)))

@@ -26,6 +26,7 @@ import optax
 from flax import struct
 
 from jaxtl import metrics
+from jaxtl.device_augment import BatchTransform
 
 PyTree = Any
 Batch = dict[str, jax.Array]
@@ -94,6 +95,7 @@ def make_train_step(
     *,
     axis_name: str | None = None,
     split_frozen_body: bool = True,
+    transform: BatchTransform | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """Build ``step(state, batch) -> (state, {"loss": mean loss})``.
 
@@ -101,7 +103,9 @@ def make_train_step(
     gradients and the loss over devices (BatchNorm syncs through the model's own ``axis_name``). Under sharded
     ``jit`` the mean over the global batch is already global and no collective is written here.
     ``split_frozen_body``: when the body has no trainable leaf, run it as a separate forward pass under
-    ``stop_gradient`` (no backward pass through it).
+    ``stop_gradient`` (no backward pass through it). ``transform``: the batch's images -> model input on the device
+    (``BatchTransform.train``: fastai's batch augmentation + normalisation of uint8 batches); None: the images as
+    they are.
     """
     frozen_body = split_frozen_body and body_is_frozen(trainable)
 
@@ -117,7 +121,8 @@ def make_train_step(
         rng = jax.random.fold_in(state.rng, state.step)
         if axis_name is not None:
             rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
-        images, labels = batch["image"], batch["label"]
+        images = batch["image"] if transform is None else transform.train(batch)
+        labels = batch["label"]
 
         if frozen_body:
             feats, mut = model.apply(state.variables, images, True, method="features", mutable=["batch_stats"])
@@ -146,15 +151,17 @@ def make_train_step(
 
 
 def make_eval_step(
-    model: nn.Module, *, axis_name: str | None = None
+    model: nn.Module, *, axis_name: str | None = None, transform: BatchTransform | None = None
 ) -> Callable[[dict[str, PyTree], Batch], dict[str, jax.Array]]:
-    """Build ``step(variables, batch) -> sums`` (see ``jaxtl.metrics.eval_sums``), masked by ``batch["mask"]``.
+    """Build ``step(variables, batch) -> sums`` (see ``jaxtl.metrics.eval_sums``), masked by ``batch["mask"]``;
+    ``transform.eval`` (if given) turns the images into model input (uint8 -> normalised) on the device.
 
     Under ``pmap`` (``axis_name`` set) the sums are ``psum``-ed over devices.
     """
 
     def step(variables: dict[str, PyTree], batch: Batch) -> dict[str, jax.Array]:
-        logits = model.apply(variables, batch["image"], False)
+        images = batch["image"] if transform is None else transform.eval(batch["image"])
+        logits = model.apply(variables, images, False)
         mask = batch.get("mask")
         if mask is None:
             mask = jnp.ones(batch["label"].shape, bool)
@@ -166,10 +173,13 @@ def make_eval_step(
     return step
 
 
-def make_predict_step(model: nn.Module) -> Callable[[dict[str, PyTree], jax.Array], jax.Array]:
-    """Build ``step(variables, images) -> softmax probabilities`` (float32, eval mode)."""
+def make_predict_step(model: nn.Module, transform: BatchTransform | None = None
+                      ) -> Callable[[dict[str, PyTree], jax.Array], jax.Array]:
+    """Build ``step(variables, images) -> softmax probabilities`` (float32, eval mode); ``transform.eval`` as in
+    :func:`make_eval_step`."""
 
     def step(variables: dict[str, PyTree], images: jax.Array) -> jax.Array:
+        images = images if transform is None else transform.eval(images)
         return jax.nn.softmax(model.apply(variables, images, False).astype(jnp.float32), axis=-1)
 
     return step

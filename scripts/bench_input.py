@@ -5,7 +5,8 @@
 
 ``--cores 1,2`` times the pipeline once per entry, each in a fresh process pinned to that many cores
 (``os.sched_setaffinity``, before TensorFlow starts its thread pools) with ``data.num_workers`` = the core count,
-and reports img/s, img/s per core and the bytes per image the host sends (the batch's ``image`` array).
+and reports img/s, img/s per core and the bytes per image the host sends (every array of a batch: the uint8
+images, labels and the batch transforms' draws).
 
 Pipeline: ``jaxtl.data.build_data`` on ``../shared/data/hymenoptera_data`` (real photos with a GIF, a .jpeg
 and a name with a space) when present, else on generated 500x375 JPEGs; the train batches of several
@@ -64,7 +65,7 @@ def bench_pipeline(data_dir: Path, size: int, batch: int, epochs: int, num_worke
     t0 = time.perf_counter()
     b0 = next(it)  # warm-up: tracing, thread start-up
     first_s = time.perf_counter() - t0
-    bytes_per_image = b0["image"].nbytes / len(b0["label"])
+    bytes_per_image = sum(np.asarray(v).nbytes for v in b0.values()) / len(b0["label"])  # all the host sends
     n, t0 = 0, time.perf_counter()
     for b in it:
         n += len(b["label"])

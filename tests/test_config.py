@@ -55,6 +55,7 @@ def test_misspelled_override_is_rejected_with_closest_names():
     ("data.source", "folders", "did you mean 'folder'"),
     ("data.label", "by_parent", "regex:<pattern>"),
     ("train.sync_every", -1, ">= 0"),
+    ("data.augment_device", "gpu", "choose one of"),
 ])
 def test_bad_values_name_the_field(field, value, msg):
     cfg = base_config()

@@ -120,7 +120,7 @@ def recorder(monkeypatch, tmp_path):
         events["weights"] = (spec, arch, cache_dir)
         return {}
 
-    def fake_make_train_step(model, tx, mask, axis_name=None):
+    def fake_make_train_step(model, tx, mask, axis_name=None, transform=None):
         events.setdefault("opt", []).append(_opt_fingerprint(tx, mask, fake_make_train_step.params))
 
         def step(state, batch):

@@ -3,8 +3,10 @@
 ``build_data(config.data, batch_size, seed, process_index=0, process_count=1)`` -> :class:`DataBundle`::
 
     bundle.classes, bundle.num_train, bundle.num_valid, bundle.steps_per_epoch
-    bundle.train_batches(epoch, start_step=0)  # {"image": f32 (B,S,S,3) normalised, "label": i32 (B,)}
-    bundle.valid_batches()                     # + "mask": bool (B,), False on padding
+    bundle.train_batches(epoch, start_step=0)  # {"image": uint8 (B,S,S,3), "label": i32 (B,), + the batch
+                                               #  transforms' draws "affine", "flip", "lighting"} (data.augment_device
+                                               #  = "host": {"image": f32 normalised, "label"})
+    bundle.valid_batches()                     # {"image", "label", "mask": bool (B,), False on padding}
     bundle.valid_items                         # [(path or TFDS id, label)] in valid_batches order
     bundle.preprocess_eval(path_or_bytes)      # f32 (S,S,3), the validation transform
     bundle.denormalize(images)                 # -> f32 in [0, 1] for plotting

@@ -9,11 +9,18 @@ Training epoch ``e`` on process ``i`` of ``n``:
    TFDS).
 2. per image (parallel map): RandomResizedCrop box from a stateless seed ``fold_in(key(seed, e, i), position)``,
    decode (JPEG: only the crop window), antialiased bilinear resize to ``size``, uint8.
-3. per batch: affine/warp + lighting with seed ``fold_in(key', batch_index)``, ImageNet normalisation.
+3. per batch: the random draws of fastai's batch transforms (affine/warp, flip, lighting) from the seed
+   ``fold_in(key', batch_index)`` (``augment.batch_aug_params``). Where they are applied is
+   ``data.augment_device`` (``jaxtl.device_augment.augment_on_device``): on the device, the batch is sent as uint8
+   with those draws and the train step applies them and the normalisation (``device_augment.BatchTransform``), as
+   fastai runs its batch transforms on the GPU (1/4 of the bytes of float32, no per-pixel work on the host); on
+   the host, the pipeline applies them (``augment.augment_batch``) and normalises, and sends float32.
 
 Every random number is a function of ``(seed, epoch, process, position)``, so ``start_step=k`` yields exactly
-batches ``k, k+1, ...`` of the full epoch. Validation: squish to ``size + xtra``, centre crop, normalise; the
-process's share (items ``i::n``) is padded to the same number of batches on every process with masked zeros.
+batches ``k, k+1, ...`` of the full epoch. Validation: squish to ``size + xtra``, centre crop (uint8, the eval step
+normalises; normalised float32 when the transforms run on the host); the process's share (items ``i::n``) is
+padded to the same number of batches on every process with masked zeros. Every dataset gets :func:`options`
+(deterministic order, autotuned parallelism within the configured ``data.num_workers``).
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from jaxtl.data.decode import graph_fn
 from jaxtl.data.eval_transform import EvalTransform
 from jaxtl.data.sources import DataWarning
 from jaxtl.data.tf_import import tf
+from jaxtl.device_augment import augment_on_device
 
 log = logging.getLogger("jaxtl.data")
 
@@ -65,6 +73,7 @@ class DataBundle:
         source: streams.Stream,
         corrupt: dict[str, str],
         description: str,
+        on_device: bool = False,
     ) -> None:
         self.classes = classes
         self.aug = aug
@@ -80,6 +89,7 @@ class DataBundle:
         self.num_valid = num_valid
         self.corrupt = corrupt  # {path: reason} of the files left out
         self.description = description
+        self.on_device = on_device  # batch transforms in the step (uint8 batches) or here (normalised float32)
         self._source = source
         per_process = num_train // process_count
         self.steps_per_epoch = per_process // batch_size
@@ -96,7 +106,10 @@ class DataBundle:
 
     # ------------------------------------------------------------------------------------- training
     def train_batches(self, epoch: int, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
-        """Batches ``start_step .. steps_per_epoch-1`` of ``epoch``: ``{"image": f32 (B,S,S,3), "label": i32 (B,)}``."""
+        """Batches ``start_step .. steps_per_epoch-1`` of ``epoch``. Transforms on the device: ``{"image": uint8
+        (B,S,S,3), "label": i32 (B,), "affine": f32 (B,8), "flip": bool (B,), "lighting": f32 (B,2)}`` (the last
+        three: the batch transforms' draws, ``augment.batch_aug_params``, which ``device_augment.BatchTransform``
+        applies); on the host: ``{"image": f32 (B,S,S,3) augmented and normalised, "label": i32 (B,)}``."""
         if not 0 <= start_step <= self.steps_per_epoch:
             raise ValueError(f"start_step={start_step} is outside [0, steps_per_epoch={self.steps_per_epoch}]")
         return self._train_dataset(epoch, start_step).as_numpy_iterator()
@@ -117,18 +130,21 @@ class DataBundle:
 
         def batch(img: tf.Tensor, label: tf.Tensor, pos: tf.Tensor) -> dict[str, tf.Tensor]:
             key = tf.random.experimental.stateless_fold_in(batch_key, pos[0] // b)
+            if self.on_device:
+                return {"image": img, "label": label, **augment.batch_aug_params(key, b, self.aug)}
             x = augment.augment_batch(tf.cast(img, tf.float32) / 255.0, key, self.aug)
             return {"image": augment.normalize(x, self.mean, self.std), "label": label}
 
         ds = ds.map(graph_fn(item), num_parallel_calls=self.num_parallel, deterministic=True)
         ds = ds.batch(b, drop_remainder=True)
         ds = ds.map(graph_fn(batch), num_parallel_calls=self.num_parallel, deterministic=True)
-        return ds.prefetch(tf.data.AUTOTUNE)
+        return ds.prefetch(tf.data.AUTOTUNE).with_options(options(self.num_parallel))
 
     # ----------------------------------------------------------------------------------- validation
     def valid_batches(self) -> Iterator[dict[str, np.ndarray]]:
         """All of this process's validation images once, in ``valid_items`` order, padded to ``valid_steps``
-        batches: ``{"image": f32 (B,S,S,3), "label": i32 (B,), "mask": bool (B,)}`` (mask False on padding)."""
+        batches: ``{"image": uint8 (B,S,S,3), "label": i32 (B,), "mask": bool (B,)}`` (mask False on padding;
+        the eval step normalises the images; with the transforms on the host: normalised float32)."""
         if self._valid_ds is None:
             self._valid_ds = self._build_valid()
         return self._valid_ds.as_numpy_iterator()
@@ -150,11 +166,12 @@ class DataBundle:
             ds = ds.concatenate(tf.data.Dataset.from_tensors(zero).repeat(pad))
 
         def batch(img: tf.Tensor, label: tf.Tensor, mask: tf.Tensor) -> dict[str, tf.Tensor]:
-            x = augment.normalize(tf.cast(img, tf.float32) / 255.0, self.mean, self.std)
-            return {"image": x, "label": label, "mask": mask}
+            if not self.on_device:
+                img = augment.normalize(tf.cast(img, tf.float32) / 255.0, self.mean, self.std)
+            return {"image": img, "label": label, "mask": mask}
 
         ds = ds.batch(b).map(graph_fn(batch), num_parallel_calls=self.num_parallel, deterministic=True)
-        return ds.prefetch(tf.data.AUTOTUNE)
+        return ds.prefetch(tf.data.AUTOTUNE).with_options(options(self.num_parallel))
 
     @property
     def valid_items(self) -> list[tuple[str, int]]:
@@ -163,7 +180,11 @@ class DataBundle:
         return self._source.valid_items()
 
     def denormalize(self, images: np.ndarray) -> np.ndarray:
-        """Normalised images -> float32 in [0, 1] for plotting (same shape)."""
+        """Batch images (uint8 as the pipeline yields them, or normalised floats) -> float32 in [0, 1] for plotting
+        (same shape)."""
+        images = np.asarray(images)
+        if images.dtype == np.uint8:
+            return images.astype(np.float32) / 255.0
         return augment.denormalize(images, self.mean, self.std)
 
     def __repr__(self) -> str:
@@ -173,6 +194,24 @@ class DataBundle:
 
 
 # --------------------------------------------------------------------------------------- build_data
+def options(num_parallel: int | None) -> tf.data.Options:
+    """The ``tf.data.Options`` of every jaxtl dataset, set on purpose rather than left to defaults: element order
+    deterministic (exact resume, the same batches on every run); the autotuner on, within ``data.num_workers``
+    threads when that is set (``private_threadpool_size``: the pipeline's own pool, so ``num_workers=1`` really
+    is one core, as ``scripts/bench_input.py --cores`` measures); map fusion and parallelisation on, and nothing
+    that could reorder or drop elements (``experimental_slack`` off; no external state allowed to be ignored)."""
+    opts = tf.data.Options()
+    opts.deterministic = True
+    opts.autotune.enabled = True
+    opts.experimental_optimization.map_and_batch_fusion = True
+    opts.experimental_optimization.map_parallelization = True
+    opts.experimental_optimization.parallel_batch = True
+    opts.experimental_slack = False
+    if num_parallel is not None and num_parallel > 0:
+        opts.threading.private_threadpool_size = int(num_parallel)
+    return opts
+
+
 
 def _num_parallel(num_workers: int) -> int | None:
     if num_workers < 0:
@@ -285,6 +324,7 @@ def build_data(
     bundle = DataBundle(
         classes=classes, aug=aug, batch_size=batch_size, seed=seed, process_index=process_index,
         process_count=process_count, mean=data_cfg.mean, std=data_cfg.std, num_parallel=num_parallel,
-        num_train=num_train, num_valid=num_valid, source=src, corrupt=corrupt, description=how)
+        num_train=num_train, num_valid=num_valid, source=src, corrupt=corrupt, description=how,
+        on_device=augment_on_device(str(data_cfg.augment_device)))
     log.info("jaxtl.data: %r", bundle)
     return bundle

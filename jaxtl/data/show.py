@@ -14,8 +14,11 @@ from jaxtl.data.pipeline import DataBundle
 def show_batch(bundle: DataBundle, path: str | os.PathLike, n: int = 16, epoch: int = 0, valid: bool = False
                ) -> Path:
     """Write the first ``n`` images of epoch ``epoch``'s training batches (or of the validation batches) as a
-    PNG grid titled with class names; returns the path."""
+    PNG grid titled with class names; returns the path. Training images are shown as the model sees them: the
+    batch transforms applied (``jaxtl.device_augment.BatchTransform``, here on JAX's default device)."""
     import matplotlib
+
+    from jaxtl.device_augment import BatchTransform
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
@@ -24,9 +27,11 @@ def show_batch(bundle: DataBundle, path: str | os.PathLike, n: int = 16, epoch: 
         raise ValueError(f"n must be >= 1, got {n}")
     images, labels = [], []
     batches = bundle.valid_batches() if valid else bundle.train_batches(epoch)
+    transform = BatchTransform.for_data(bundle)
     for batch in batches:
         keep = batch["mask"] if "mask" in batch else np.ones(len(batch["label"]), bool)
-        images.extend(batch["image"][keep])
+        x = batch["image"] if valid else np.asarray(transform.train(batch))
+        images.extend(x[keep])
         labels.extend(batch["label"][keep])
         if len(images) >= n:
             break

@@ -31,6 +31,7 @@ OTHER = {
     "p_lighting": 0.0, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "on_corrupt": "error",
     "tfds_name": "jaxtl_no_such_dataset", "data_dir": "empty_dir", "download": False, "tfds_split": "train",
     "num_workers": 1, "shuffle_buffer": 1, "cache": True, "demo_images": 8, "demo_classes": 3,
+    "augment_device": "host",
 }
 NOT_WALKED = {"source": "it chooses the source; every other field is walked under each source"}
 # fields whose effect shows only in a particular state: both builds use these extra settings
@@ -94,8 +95,12 @@ def _what_the_run_gets(cfg, root: Path) -> tuple:
             valid = next(iter(b.valid_batches()))
     except (ValueError, FileNotFoundError) as e:
         return ("error", type(e).__name__, str(e).split("\n")[0])
+    from jaxtl.device_augment import BatchTransform
+
+    # the images and the batch transforms' draws the host sends, and the transform the steps apply on the device
     return (tuple(b.classes), b.num_train, b.num_valid, b.description, b.num_parallel, b._source.cache,
-            tuple(b.valid_items), _digest(train["image"]), _digest(train["label"]), _digest(valid["image"]))
+            tuple(b.valid_items), tuple(_digest(train[k]) for k in sorted(train)), _digest(valid["image"]),
+            BatchTransform.for_data(b))
 
 
 def _fields() -> list[str]:

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from jaxtl.data import build_data, make_demo_folder, show_batch
+from jaxtl.device_augment import BatchTransform
 
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -44,28 +45,40 @@ def colour_folder(root, n_per_class=10, classes=("a", "b")):
 
 
 def item_ids(images, ids):
-    """Recover item ids from normalised solid-colour batch images."""
-    px = np.round((images[:, 0, 0, :] * STD + MEAN) * 255).astype(int)
+    """Recover item ids from solid-colour batch images (uint8 as the pipeline sends them, or normalised)."""
+    px = images[:, 0, 0, :].astype(int) if images.dtype == np.uint8 else \
+        np.round((images[:, 0, 0, :] * STD + MEAN) * 255).astype(int)
     return [ids[(int(r), int(g))] for r, g, _ in px]
 
 
 def test_shapes_dtypes_ranges(mixed_folder, data_config):
-    b = build_data(data_config(path=str(mixed_folder)), 4, 0)
-    assert b.classes == ["ants", "bees"]
+    b = build_data(data_config(path=str(mixed_folder), augment_device="device"), 4, 0)
+    assert b.classes == ["ants", "bees"] and b.on_device
     assert (b.num_train, b.num_valid, b.steps_per_epoch, b.valid_steps) == (18, 5, 4, 2)
     batches = list(b.train_batches(0))
     assert len(batches) == 4
-    lo, hi = (0 - MEAN) / STD, (1 - MEAN) / STD
-    for batch in batches:
-        assert set(batch) == {"image", "label"}
-        assert batch["image"].shape == (4, 32, 32, 3) and batch["image"].dtype == np.float32
+    for batch in batches:  # uint8 images + the batch transforms' draws (applied on the device)
+        assert set(batch) == {"image", "label", "affine", "flip", "lighting"}
+        assert batch["image"].shape == (4, 32, 32, 3) and batch["image"].dtype == np.uint8
         assert batch["label"].shape == (4,) and batch["label"].dtype == np.int32
-        assert (batch["image"] >= lo - 1e-5).all() and (batch["image"] <= hi + 1e-5).all()
+        assert batch["affine"].shape == (4, 8) and batch["affine"].dtype == np.float32
+        assert batch["flip"].shape == (4,) and batch["flip"].dtype == np.bool_
+        assert batch["lighting"].shape == (4, 2) and batch["lighting"].dtype == np.float32
     x = np.concatenate([bt["image"] for bt in batches])
-    assert x.std() > 0.3  # real pixels, not padding
+    assert x.std() > 0.3 * 255 * STD.min()  # real pixels, not padding
     labels = np.concatenate([bt["label"] for bt in batches])
     assert set(labels) == {0, 1}
     d = b.denormalize(x)
+    assert d.min() >= 0 and d.max() <= 1 and d.dtype == np.float32
+    host = build_data(data_config(path=str(mixed_folder), augment_device="host"), 4, 0)
+    assert not host.on_device
+    lo, hi = (0 - MEAN) / STD, (1 - MEAN) / STD
+    for batch in host.train_batches(0):  # augmented and normalised float32
+        assert set(batch) == {"image", "label"}
+        assert batch["image"].shape == (4, 32, 32, 3) and batch["image"].dtype == np.float32
+        assert (batch["image"] >= lo - 1e-5).all() and (batch["image"] <= hi + 1e-5).all()
+    assert next(host.valid_batches())["image"].dtype == np.float32
+    d = host.denormalize(batch["image"])
     assert d.min() >= 0 and d.max() <= 1 and d.dtype == np.float32
 
 
@@ -80,7 +93,8 @@ def test_validation_every_image_once_in_order(mixed_folder, data_config):
     labels = np.concatenate([v["label"] for v in vb])[mask]
     items = b.valid_items
     assert [y for _, y in items] == labels.tolist() == [0, 0, 0, 1, 1]
-    for img, (path, _) in zip(imgs, items, strict=True):
+    normalised = np.asarray(BatchTransform.for_data(b).eval(imgs))  # what the eval step feeds the model
+    for img, (path, _) in zip(normalised, items, strict=True):
         np.testing.assert_allclose(img, b.preprocess_eval(path), atol=1e-5)
         with open(path, "rb") as f:
             np.testing.assert_allclose(img, b.preprocess_eval(f.read()), atol=1e-5)
@@ -191,3 +205,26 @@ def test_demo_source_is_deterministic_and_loads(tmp_path, data_config, monkeypat
     assert next(b.train_batches(0))["image"].shape == (4, 32, 32, 3)
     with pytest.raises(ValueError, match="demo_classes"):
         make_demo_folder(11, 4, cache_dir=tmp_path / "c3")
+
+
+@pytest.mark.parametrize("aug", [{}, {"max_warp": 0.0, "max_rotate": 0.0, "max_zoom": 1.0}, {"augment": False}])
+def test_the_batch_transforms_on_the_device_equal_them_on_the_host(mixed_folder, data_config, aug):
+    """``data.augment_device``: what the train / eval steps compute from a device-mode batch (uint8 + the draws,
+    ``BatchTransform``) equals the host-mode pipeline's batch of the same epoch and seed (augmented and normalised
+    by TF on the host). float32 rounding of the two implementations: atol 2e-5 after the division by std (the
+    per-op comparison is in tests/test_device_augment.py). Default fastai augmentation, flip only, none."""
+    dev = build_data(data_config(path=str(mixed_folder), augment_device="device", **aug), 4, 7)
+    host = build_data(data_config(path=str(mixed_folder), augment_device="host", **aug), 4, 7)
+    transform = BatchTransform.for_data(dev)
+    n = 0
+    for d, h in zip(dev.train_batches(2), host.train_batches(2), strict=True):
+        assert d["image"].dtype == np.uint8 and h["image"].dtype == np.float32
+        np.testing.assert_array_equal(d["label"], h["label"])
+        np.testing.assert_allclose(np.asarray(transform.train(d)), h["image"], atol=2e-5, rtol=0)
+        if not aug:
+            assert not np.allclose(np.asarray(transform.eval(d["image"])), h["image"], atol=1e-2)  # augmented
+        n += 1
+    assert n == dev.steps_per_epoch
+    for d, h in zip(dev.valid_batches(), host.valid_batches(), strict=True):
+        np.testing.assert_allclose(np.asarray(transform.eval(d["image"])), h["image"], atol=2e-5, rtol=0)
+        np.testing.assert_array_equal(d["mask"], h["mask"])

@@ -54,7 +54,10 @@ def tfds_dir(tmp_path_factory):
 
 
 def _ids(images):
-    return [int(v) for v in np.round((images[:, 0, 0, 0] * STD[0] + MEAN[0]) * 255 / 10)]
+    px = images[:, 0, 0, 0].astype(np.float64)  # uint8 as the pipeline sends them, or normalised
+    if images.dtype != np.uint8:
+        px = (px * STD[0] + MEAN[0]) * 255
+    return [int(v) for v in np.round(px / 10)]
 
 
 def _remapped(i):

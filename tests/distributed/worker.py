@@ -243,7 +243,7 @@ def cli(data: str, out: str, cache: str, ref_workdir: str) -> None:
     from jaxtl.train import make_eval_step
 
     pm = DataParallel("pmap")
-    step = pm.eval_step(make_eval_step(learn.model, axis_name=pm.model_axis_name))
+    step = pm.eval_step(make_eval_step(learn.model, axis_name=pm.model_axis_name, transform=learn.transform))
     variables = pm.put_state(learn.par.to_host(learn.variables))
     total = None
     for b in learn.data.valid_batches():
