@@ -50,15 +50,17 @@ def write_report(learn: Any, top_k: int = 9) -> dict[str, Path]:
 
 
 def gather_valid_images(data: Any, indices: Sequence[int]) -> dict[int, np.ndarray]:
-    """Normalised validation images by global index (see ``Learner.get_valid_preds(gather=True)``); with several
+    """Validation images as the pipeline yields them (uint8, or normalised float32 with ``data.augment_device=host``;
+    ``data.denormalize`` takes either) by global index (see ``Learner.get_valid_preds(gather=True)``); with several
     processes each contributes the ones it holds (a collective)."""
     n, me = jax.process_count(), jax.process_index()
     if n == 1 or not indices:
         return dict(_valid_images(data, set(indices)))
     local = dict(_valid_images(data, {j // n for j in indices if j % n == me}))
     s = int(data.size)
-    mine = np.stack([local[j // n] if j % n == me else np.zeros((s, s, 3), np.float32) for j in indices])
-    every = parallel.allgather(mine.astype(np.float32))  # (processes, k, S, S, 3)
+    dtype = np.uint8 if getattr(data, "on_device", False) else np.float32  # the same on every process
+    mine = np.stack([local[j // n] if j % n == me else np.zeros((s, s, 3), dtype) for j in indices])
+    every = parallel.allgather(mine.astype(dtype))  # (processes, k, S, S, 3)
     return {j: every[j % n, k] for k, j in enumerate(indices)}
 
 
