@@ -33,4 +33,5 @@ def test_per_core_rows_and_bytes_per_image(tmp_path):
         assert r["pipeline_img_s"] > 0
         assert r["img_s_per_core"] == pytest.approx(r["pipeline_img_s"] / cores)
         # today's pipeline ships normalised float32: 64*64*3 values of 4 bytes per image
-        assert r["bytes_per_image"] == 64 * 64 * 3 * np.dtype(r["image_dtype"]).itemsize
+        # the uint8 pixels + label (int32) + the batch transforms' draws (affine 8 x f32, flip bool, lighting 2 x f32)
+        assert r["image_dtype"] == "uint8" and r["bytes_per_image"] == 64 * 64 * 3 + 4 + 32 + 1 + 8
