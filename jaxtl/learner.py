@@ -100,7 +100,7 @@ class Learner:
         self._predict = self.par.predict_step(make_predict_step(self.model, self.transform))
         self._train_step: Any = None
         self._loop = loop.Loop(self.par.put_batch, self.par.fetch, self.global_batch, self._stop_agreed,
-                               show=self.is_main, sync_every=sync_every(int(t.sync_every)))
+                               show=self.is_main, sync_every=loop.sync_every(int(t.sync_every)))
         self._validate_s = 0.0
 
     @classmethod
@@ -359,19 +359,6 @@ class Learner:
 
 
 # ---------------------------------------------------------------------------------------------- recipes
-SYNC_EVERY_AUTO = {"cpu": 1}  # train.sync_every=0 by backend; elsewhere (GPU/TPU) SYNC_EVERY_ACCELERATOR
-SYNC_EVERY_ACCELERATOR = 16
-
-
-def sync_every(value: int, backend: str | None = None) -> int:
-    """``train.sync_every`` -> steps between the loop's host reads: ``0`` (auto) is 1 on the CPU (fastai's bar,
-    each loss one step late; the step takes seconds there) and 16 on a GPU/TPU (one read per 16 steps)."""
-    if value:
-        return value
-    backend = jax.default_backend() if backend is None else backend
-    return SYNC_EVERY_AUTO.get(backend, SYNC_EVERY_ACCELERATOR)
-
-
 def run_recipe(learn: Learner, config: ml_collections.ConfigDict | None = None,
                resume: bool = False) -> dict[str, Any]:
     """Run ``config.train.recipe`` (``schedules.RECIPES``) on ``learn``; returns a summary dict.

@@ -45,6 +45,19 @@ OnLoss = Callable[[int, float, float], str | None]  # (step of the run, loss, he
 Fetch = Callable[[list[Any]], list[float]]  # device scalars (losses) -> host floats, in one transfer
 
 
+SYNC_EVERY_AUTO = {"cpu": 1}  # train.sync_every=0 by backend; elsewhere (GPU/TPU) SYNC_EVERY_ACCELERATOR
+SYNC_EVERY_ACCELERATOR = 16
+
+
+def sync_every(value: int, backend: str | None = None) -> int:
+    """``train.sync_every`` -> steps between the loop's host reads: ``0`` (auto) is 1 on the CPU (fastai's bar,
+    each loss one step late; the step takes seconds there) and 16 on a GPU/TPU (one read per 16 steps)."""
+    if value:
+        return value
+    backend = jax.default_backend() if backend is None else backend
+    return SYNC_EVERY_AUTO.get(backend, SYNC_EVERY_ACCELERATOR)
+
+
 @dataclass(frozen=True)
 class EpochEnd:
     """How an epoch ended: its index in the run, the batches done in it (``steps_per_epoch`` when finished),

@@ -223,7 +223,7 @@ def test_sync_every_changes_only_when_losses_are_read_and_the_steady_state_reads
 
 
 def test_sync_every_auto_is_per_backend():
-    from jaxtl.learner import sync_every
+    from jaxtl.loop import sync_every
 
     assert sync_every(0, "cpu") == 1 and sync_every(0, "gpu") == sync_every(0, "tpu") == 16
     assert sync_every(5, "cpu") == sync_every(5, "gpu") == 5
