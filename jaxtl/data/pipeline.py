@@ -1,10 +1,12 @@
 """``build_data``: the tf.data input pipeline behind the training engine (contract in docs/design.md).
 
-Training epoch ``e`` on process ``i`` of ``n``:
+Training epoch ``e`` on process ``i`` of ``n`` (all epochs of a run in one dataset: ``Dataset.range(first,
+...).flat_map(epoch)``, the epoch an int64 tensor; every key below is ``streams.epoch_key(base, e)``, computed in
+the graph):
 
-1. order: files -- a permutation of all training items from ``numpy.random.default_rng([seed, e])`` (the same
-   on every process), dealt round-robin (process ``i`` takes positions ``i, i+n, ...``) and cut to
-   ``steps_per_epoch * batch_size``; with ``data.cache`` or TFDS -- the process's fixed shard through
+1. order: files -- a permutation of all training items (``tf.random.experimental.stateless_shuffle`` keyed on
+   ``(seed, e)``: the same on every process), dealt round-robin (process ``i`` takes positions ``i, i+n, ...``)
+   and cut to ``steps_per_epoch * batch_size``; with ``data.cache`` or TFDS -- the process's fixed shard through
    ``Dataset.shuffle`` seeded from ``(seed, e, i)`` (full-size buffer when cached, ``data.shuffle_buffer`` for
    TFDS).
 2. per image (parallel map): RandomResizedCrop box from a stateless seed ``fold_in(key(seed, e, i), position)``,
@@ -17,9 +19,10 @@ Training epoch ``e`` on process ``i`` of ``n``:
    the host, the pipeline applies them (``augment.augment_batch``) and normalises, and sends float32.
 
 Every random number is a function of ``(seed, epoch, process, position)``, so ``start_step=k`` yields exactly
-batches ``k, k+1, ...`` of the full epoch. Validation: squish to ``size + xtra``, centre crop (uint8, the eval step
-normalises; normalised float32 when the transforms run on the host); the process's share (items ``i::n``) is
-padded to the same number of batches on every process with masked zeros. Every dataset gets :func:`options`
+batches ``k, k+1, ...`` of the full epoch, whether the run's pipeline goes on or a new one starts there.
+Validation: squish to ``size + xtra``, centre crop (uint8, the eval step normalises; normalised float32 when the
+transforms run on the host); the process's share (items ``i::n``) is padded to the same number of batches on
+every process with masked zeros. Every dataset gets :func:`options`
 (deterministic order, autotuned parallelism within the configured ``data.num_workers``).
 """
 
@@ -101,6 +104,9 @@ class DataBundle:
         n_local_max = -(-num_valid // process_count)
         self.valid_steps = -(-n_local_max // batch_size)
         self._valid_ds: tf.data.Dataset | None = None
+        self._run_iter: Iterator[dict[str, np.ndarray]] | None = None  # the run-long training pipeline
+        self._run_at: tuple[int, int] | None = None  # (epoch, step) of its next batch
+        self.pipelines_built = 0  # training pipelines built (one per run unless it is asked out of order)
         # fastai's validation transform for prediction (file path, bytes or uint8 array -> f32 (S, S, 3))
         self.preprocess_eval = EvalTransform(self.size, self.mean, self.std)
 
@@ -109,34 +115,57 @@ class DataBundle:
         """Batches ``start_step .. steps_per_epoch-1`` of ``epoch``. Transforms on the device: ``{"image": uint8
         (B,S,S,3), "label": i32 (B,), "affine": f32 (B,8), "flip": bool (B,), "lighting": f32 (B,2)}`` (the last
         three: the batch transforms' draws, ``augment.batch_aug_params``, which ``device_augment.BatchTransform``
-        applies); on the host: ``{"image": f32 (B,S,S,3) augmented and normalised, "label": i32 (B,)}``."""
+        applies); on the host: ``{"image": f32 (B,S,S,3) augmented and normalised, "label": i32 (B,)}``.
+
+        The batches come from the bundle's one run-long pipeline (epochs ``e, e+1, ...`` in one tf.data graph):
+        asking for the epoch (and step) where the last batch taken left off reuses it, so the next epoch's
+        batches are decoded while this one's validation runs; any other position (a resume, ``show_batch``, an
+        abandoned epoch) starts a new one there. Either way batch ``k`` of an epoch is the same."""
         if not 0 <= start_step <= self.steps_per_epoch:
             raise ValueError(f"start_step={start_step} is outside [0, steps_per_epoch={self.steps_per_epoch}]")
-        return self._train_dataset(epoch, start_step).as_numpy_iterator()
+        return self._from_run(epoch, start_step)
 
-    def _train_dataset(self, epoch: int, start_step: int) -> tf.data.Dataset:
-        b, s = self.batch_size, self.size
+    def _from_run(self, epoch: int, start_step: int) -> Iterator[dict[str, np.ndarray]]:
+        for step in range(start_step, self.steps_per_epoch):
+            if self._run_at != (epoch, step):
+                self._run_iter = self._train_dataset(epoch, step).as_numpy_iterator()
+                self.pipelines_built += 1
+            self._run_at = None  # in case next() raises
+            batch = next(self._run_iter)
+            self._run_at = (epoch, step + 1) if step + 1 < self.steps_per_epoch else (epoch + 1, 0)
+            yield batch
+
+    def _train_dataset(self, first_epoch: int, start_step: int) -> tf.data.Dataset:
+        """Epochs ``first_epoch, first_epoch + 1, ...`` (the first from batch ``start_step``) as one dataset."""
+        b, s, src = self.batch_size, self.size, self._source
         n_items = self.steps_per_epoch * b
-        ds, decoded = self._source.train_elements(epoch, self.seed, n_items, start_step * b)
-        crop_key = tf.constant(streams.key(self.seed, epoch, self.process_index, streams.STREAM_CROP))
-        batch_key = tf.constant(streams.key(self.seed, epoch, self.process_index, streams.STREAM_BATCH))
+        crop_base = streams.key(self.seed, self.process_index, streams.STREAM_CROP)
+        batch_base = streams.key(self.seed, self.process_index, streams.STREAM_BATCH)
         min_scale = self.aug.min_scale
+        src.prepare()
 
-        def item(x: tf.Tensor, label: tf.Tensor, pos: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-            key = tf.random.experimental.stateless_fold_in(crop_key, pos)
+        def epoch_items(epoch: tf.Tensor) -> tf.data.Dataset:
+            start = tf.where(epoch == first_epoch, tf.constant(start_step * b, tf.int64), tf.constant(0, tf.int64))
+            ds = src.epoch_elements(epoch, self.seed, n_items, start)
+            return ds.map(graph_fn(lambda x, label, pos: (x, label, pos, epoch)))
+
+        def item(x: tf.Tensor, label: tf.Tensor, pos: tf.Tensor, epoch: tf.Tensor) -> tuple[tf.Tensor, ...]:
+            key = tf.random.experimental.stateless_fold_in(streams.epoch_key(crop_base, epoch), pos)
             crop = lambda h, w: augment.random_resized_crop_params(key, h, w, min_scale)
-            img = decode.crop_box(x, crop(tf.shape(x)[0], tf.shape(x)[1])) if decoded else decode.decode_crop(x, crop)
-            return augment.resize_uint8(img, s, s), label, pos
+            img = decode.crop_box(x, crop(tf.shape(x)[0], tf.shape(x)[1])) if src.decoded else \
+                decode.decode_crop(x, crop)
+            return augment.resize_uint8(img, s, s), label, pos, epoch
 
-        def batch(img: tf.Tensor, label: tf.Tensor, pos: tf.Tensor) -> dict[str, tf.Tensor]:
-            key = tf.random.experimental.stateless_fold_in(batch_key, pos[0] // b)
+        def batch(img: tf.Tensor, label: tf.Tensor, pos: tf.Tensor, epoch: tf.Tensor) -> dict[str, tf.Tensor]:
+            key = tf.random.experimental.stateless_fold_in(streams.epoch_key(batch_base, epoch[0]), pos[0] // b)
             if self.on_device:
                 return {"image": img, "label": label, **augment.batch_aug_params(key, b, self.aug)}
             x = augment.augment_batch(tf.cast(img, tf.float32) / 255.0, key, self.aug)
             return {"image": augment.normalize(x, self.mean, self.std), "label": label}
 
+        ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(graph_fn(epoch_items))
         ds = ds.map(graph_fn(item), num_parallel_calls=self.num_parallel, deterministic=True)
-        ds = ds.batch(b, drop_remainder=True)
+        ds = ds.batch(b, drop_remainder=True)  # every epoch holds whole batches: none spans two
         ds = ds.map(graph_fn(batch), num_parallel_calls=self.num_parallel, deterministic=True)
         return ds.prefetch(tf.data.AUTOTUNE).with_options(options(self.num_parallel))
 

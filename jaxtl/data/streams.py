@@ -1,5 +1,10 @@
 """The raw element streams of one process behind ``DataBundle`` (``jaxtl.data.pipeline``): image files
-(:class:`FileStream`) or a TFDS dataset (:class:`TfdsStream`); the bundle adds the transforms and batching."""
+(:class:`FileStream`) or a TFDS dataset (:class:`TfdsStream`); the bundle adds the transforms and batching.
+
+A stream describes one epoch as a function of the epoch *tensor* (``epoch_elements``), so the bundle can build
+one tf.data pipeline for the whole run (``Dataset.range(first, ...).flat_map(...)``) instead of one per epoch:
+every random number of an epoch comes from ``epoch_key(base, epoch)``, a stateless key computed in the graph.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +21,16 @@ def key(*parts: int) -> np.ndarray:
     return state.astype(np.int64)
 
 
+def epoch_key(base: np.ndarray, epoch: tf.Tensor) -> tf.Tensor:
+    """The ``[2]`` stateless seed of stream ``base`` in ``epoch`` (an int64 tensor), computed in the graph."""
+    return tf.random.experimental.stateless_fold_in(tf.constant(base, tf.int64), epoch)
+
+
+def seed_scalar(k: tf.Tensor) -> tf.Tensor:
+    """An int64 scalar seed drawn from the stateless key ``k`` (for ``Dataset.shuffle``, which takes one)."""
+    return tf.random.stateless_uniform([], k, minval=None, maxval=None, dtype=tf.int64)
+
+
 STREAM_CROP, STREAM_BATCH, STREAM_SHUFFLE = 1, 2, 3  # independent random streams of an epoch
 
 
@@ -23,10 +38,15 @@ class Stream:
     """Yields raw training/validation elements for one process; DataBundle adds the transforms."""
 
     cache: bool = False
+    decoded: bool = False  # training elements are decoded uint8 images (else encoded bytes)
 
-    def train_elements(self, epoch: int, seed: int, n_items: int, start: int) -> tuple[tf.data.Dataset, bool]:
-        """``(dataset of (bytes or uint8 image, label int32, position int64), decoded?)`` for positions
-        ``start .. n_items-1`` of the epoch."""
+    def prepare(self) -> None:
+        """Build the datasets every epoch reads (a cache, a TFDS split) outside the per-epoch function: the
+        bundle calls this before tracing ``epoch_elements``, so all epochs share them (and their cache)."""
+
+    def epoch_elements(self, epoch: tf.Tensor, seed: int, n_items: int, start: tf.Tensor) -> tf.data.Dataset:
+        """Dataset of ``(bytes or uint8 image, label int32, position int64)`` for positions ``start ..
+        n_items-1`` of ``epoch`` (int64 tensors: this runs inside ``flat_map``, traced once per pipeline)."""
         raise NotImplementedError
 
     def valid_elements(self) -> tuple[tf.data.Dataset, bool, int]:
@@ -37,6 +57,15 @@ class Stream:
         raise NotImplementedError
 
 
+def _shuffled_positions(ds: tf.data.Dataset, buffer: int, epoch: tf.Tensor, seed: int, pi: int, n_items: int,
+                        start: tf.Tensor) -> tf.data.Dataset:
+    """``ds`` shuffled for ``epoch`` (seeded from (seed, epoch, process)), cut to ``n_items``, numbered, from
+    ``start``: ``(x, label, position)``."""
+    shuffle_seed = seed_scalar(epoch_key(key(seed, pi, STREAM_SHUFFLE), epoch))
+    ds = ds.shuffle(buffer, seed=shuffle_seed, reshuffle_each_iteration=False).take(n_items)
+    return ds.enumerate().skip(start).map(graph_fn(lambda k, e: (e[0], e[1], k)))
+
+
 class FileStream(Stream):
     def __init__(self, train: list[tuple[str, int]], valid: list[tuple[str, int]], pi: int, pc: int,
                  cache: bool, num_parallel: int | None) -> None:
@@ -44,7 +73,12 @@ class FileStream(Stream):
         self.train_labels = np.array([y for _, y in train], np.int32)
         self.valid = valid[pi::pc]
         self.pi, self.pc, self.cache, self.num_parallel = pi, pc, cache, num_parallel
+        self.decoded = cache  # the cached shard holds decoded images
         self._decoded: tf.data.Dataset | None = None
+
+    def prepare(self) -> None:
+        if self.cache:
+            self._decoded_shard()
 
     def _decoded_shard(self) -> tf.data.Dataset:
         if self._decoded is None:  # this process's fixed shard, decoded once and kept in memory
@@ -55,20 +89,19 @@ class FileStream(Stream):
             self._decoded = ds.cache()
         return self._decoded
 
-    def train_elements(self, epoch: int, seed: int, n_items: int, start: int) -> tuple[tf.data.Dataset, bool]:
+    def epoch_elements(self, epoch: tf.Tensor, seed: int, n_items: int, start: tf.Tensor) -> tf.data.Dataset:
         if self.cache:
-            shard = self._decoded_shard()
             n_shard = len(self.train_paths[self.pi::self.pc])
-            shuffle_seed = int(key(seed, epoch, self.pi, STREAM_SHUFFLE)[0])
-            ds = shard.shuffle(n_shard, seed=shuffle_seed, reshuffle_each_iteration=False).take(n_items)
-            ds = ds.enumerate().skip(start).map(graph_fn(lambda k, e: (e[0], e[1], k)))
-            return ds, True
-        perm = np.random.default_rng([seed % (2**63), epoch]).permutation(len(self.train_paths))
-        mine = perm[self.pi::self.pc][:n_items][start:]
-        pos = np.arange(start, n_items, dtype=np.int64)
-        ds = tf.data.Dataset.from_tensor_slices(
-            (self.train_paths[mine].astype(str), self.train_labels[mine], pos))
-        return ds.map(graph_fn(lambda p, y, k: (tf.io.read_file(p), y, k))), False
+            assert self._decoded is not None, "call prepare() first"
+            return _shuffled_positions(self._decoded, n_shard, epoch, seed, self.pi, n_items, start)
+        # a permutation of all items, the same on every process (its key has no process index), dealt round-robin
+        n = len(self.train_paths)
+        order = tf.random.experimental.stateless_shuffle(
+            tf.range(n, dtype=tf.int64), seed=epoch_key(key(seed, STREAM_SHUFFLE), epoch))
+        mine = order[self.pi::self.pc][:n_items]
+        paths, labels = tf.constant(self.train_paths.astype(str)), tf.constant(self.train_labels)
+        ds = tf.data.Dataset.from_tensor_slices((mine, tf.range(n_items, dtype=tf.int64))).skip(start)
+        return ds.map(graph_fn(lambda i, k: (tf.io.read_file(tf.gather(paths, i)), tf.gather(labels, i), k)))
 
     def valid_elements(self) -> tuple[tf.data.Dataset, bool, int]:
         paths = [p for p, _ in self.valid]
@@ -116,14 +149,14 @@ class TfdsStream(Stream):
         ds = ds.map(graph_fn(lambda i, e: (e[ik], label(i, e), e["tfds_id"])))
         return ds.shard(self.pc, self.pi)
 
-    def train_elements(self, epoch: int, seed: int, n_items: int, start: int) -> tuple[tf.data.Dataset, bool]:
+    def prepare(self) -> None:
         if self._train_base is None:
             base = self._split(False).map(graph_fn(lambda x, y, i: (x, y)))
             self._train_base = base.cache() if self.cache else base
-        shuffle_seed = int(key(seed, epoch, self.pi, STREAM_SHUFFLE)[0])
-        ds = self._train_base.shuffle(self.shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
-        ds = ds.take(n_items).enumerate().skip(start).map(graph_fn(lambda k, e: (e[0], e[1], k)))
-        return ds, False
+
+    def epoch_elements(self, epoch: tf.Tensor, seed: int, n_items: int, start: tf.Tensor) -> tf.data.Dataset:
+        assert self._train_base is not None, "call prepare() first"
+        return _shuffled_positions(self._train_base, self.shuffle_buffer, epoch, seed, self.pi, n_items, start)
 
     def valid_elements(self) -> tuple[tf.data.Dataset, bool, int]:
         if self.plan.valid_split is None:

@@ -140,6 +140,39 @@ def test_resume_with_start_step_gives_the_remaining_batches(mixed_folder, data_c
         b.train_batches(0, start_step=5)
 
 
+def same_batches(xs, ys):
+    assert len(xs) == len(ys)
+    for x, y in zip(xs, ys, strict=True):
+        assert x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_one_pipeline_serves_the_whole_run_and_any_position_gives_the_same_batches(tmp_path, data_config, cache):
+    ids = colour_folder(tmp_path / "c", n_per_class=9)  # 18 items -> 4 batches of 4 per epoch
+    cfg = data_config(path=str(tmp_path / "c"), valid_pct=0.0, cache=cache)
+    run = build_data(cfg, 4, 11)
+    epochs = [list(run.train_batches(e)) for e in range(3)]  # as the loop asks: epoch after epoch
+    assert run.pipelines_built == 1  # not rebuilt per epoch
+    first = [i for bt in epochs[0] for i in item_ids(bt["image"], ids)]
+    assert len(set(first)) == 16
+    fresh = build_data(cfg, 4, 11)  # out of order: a pipeline at epoch 2, one at 0 that goes on into 1
+    for e in (2, 0, 1):
+        same_batches(list(fresh.train_batches(e)), epochs[e])
+    assert fresh.pipelines_built == 2
+    # an abandoned epoch (show_batch takes one batch) and a resume mid-epoch start a pipeline there
+    resumed = build_data(cfg, 4, 11)
+    same_batches([next(resumed.train_batches(1))], epochs[1][:1])
+    same_batches(list(resumed.train_batches(1, start_step=2)) + list(resumed.train_batches(2)),
+                 epochs[1][2:] + epochs[2])
+    assert resumed.pipelines_built == 2
+    if cache:  # the decoded shard is kept across epochs and pipelines: the files are read once
+        for f in (tmp_path / "c").rglob("*.png"):
+            f.unlink()
+        assert len(list(run.train_batches(3))) == 4
+        same_batches(list(run.train_batches(1)), epochs[1])  # a new pipeline, from the same cache
+        assert run.pipelines_built == 2
+
+
 @pytest.mark.parametrize("cache", [False, True])
 def test_epoch_is_a_permutation_and_process_shards_are_disjoint(tmp_path, data_config, cache):
     ids = colour_folder(tmp_path / "c", n_per_class=11)  # 22 items

@@ -25,13 +25,15 @@ def test_per_core_rows_and_bytes_per_image(tmp_path):
             Image.fromarray(rng.integers(0, 255, (90, 120, 3), dtype=np.uint8)).save(tmp_path / "imgs" / c / f"{i}.jpg")
     out = tmp_path / "r.json"
     subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_input.py"), "--data", str(tmp_path / "imgs"),
-                    "--size", "64", "--batch", "4", "--epochs", "1", "--skip-step", "--cores", "1,2",
+                    "--size", "64", "--batch", "4", "--epochs", "2", "--cache", "--skip-step", "--cores", "1,2",
                     "--json", str(out)], check=True, cwd=ROOT, capture_output=True, timeout=600)
     rows = json.loads(out.read_text())["per_core"]
     assert len(rows) == 2
     for cores, r in zip((1, 2), rows, strict=True):
         assert r["pipeline_img_s"] > 0
         assert r["img_s_per_core"] == pytest.approx(r["pipeline_img_s"] / cores)
-        # today's pipeline ships normalised float32: 64*64*3 values of 4 bytes per image
+        # data.cache: the second epoch comes from memory, through the same (run-long) pipeline
+        assert r["cache"] and r["later_epochs_img_s"] > 0 and r["pipelines_built"] == 1
+        assert r["later_epochs_img_s_per_core"] == pytest.approx(r["later_epochs_img_s"] / cores)
         # the uint8 pixels + label (int32) + the batch transforms' draws (affine 8 x f32, flip bool, lighting 2 x f32)
         assert r["image_dtype"] == "uint8" and r["bytes_per_image"] == 64 * 64 * 3 + 4 + 32 + 1 + 8
