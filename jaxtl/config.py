@@ -124,6 +124,13 @@ def base_config() -> ml_collections.ConfigDict:
     t.metric = "error_rate"  # checkpoint-selection metric (lower is better)
     t.checkpoint = True
     t.max_steps = 0  # stop each fit after this many steps (0 = no limit; for smoke tests)
+    # label smoothing, MixUp / CutMix in the train step (jaxtl/mix.py; timm Mixup semantics; 0 = off)
+    t.label_smoothing = 0.0  # eps of fastai's LabelSmoothingCrossEntropy / optax.smooth_labels
+    t.mixup_alpha = 0.0  # MixUp: lambda ~ Beta(alpha, alpha) per batch
+    t.cutmix_alpha = 0.0  # CutMix: lambda ~ Beta(alpha, alpha), box from lambda, lambda corrected to the area
+    t.mix_prob = 1.0  # probability a batch is mixed
+    t.mix_switch_prob = 0.5  # both alphas > 0: probability of CutMix rather than MixUp
+    t.mix_off_epoch = 0  # no mixing from this (data) epoch on (0 = mix throughout)
     t.sync_every = 0  # steps between host reads of the losses (0 = auto: 1 on CPU, 16 on GPU/TPU)
     t.compile_cache_dir = ""  # JAX persistent compilation cache ('' = ~/.cache/jaxtl/xla)
     t.distributed = False  # call jax.distributed.initialize() (multi-host)
@@ -212,6 +219,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
         ("train.max_steps", config.train.max_steps, config.train.max_steps >= 0, ">= 0 (0 = no limit)"),
         ("train.sync_every", config.train.sync_every, config.train.sync_every >= 0, ">= 0 (0 = auto)"),
         ("train.div_final", config.train.div_final, config.train.div_final > 0, "> 0"),
+        ("train.label_smoothing", config.train.label_smoothing, 0 <= config.train.label_smoothing < 1, "in [0, 1)"),
+        ("train.mixup_alpha", config.train.mixup_alpha, config.train.mixup_alpha >= 0, ">= 0 (0 = off)"),
+        ("train.cutmix_alpha", config.train.cutmix_alpha, config.train.cutmix_alpha >= 0, ">= 0 (0 = off)"),
+        ("train.mix_prob", config.train.mix_prob, 0 <= config.train.mix_prob <= 1, "in [0, 1]"),
+        ("train.mix_switch_prob", config.train.mix_switch_prob, 0 <= config.train.mix_switch_prob <= 1,
+         "in [0, 1]"),
+        ("train.mix_off_epoch", config.train.mix_off_epoch, config.train.mix_off_epoch >= 0, ">= 0 (0 = never)"),
         ("data.size", config.data.size, config.data.size >= 1, ">= 1"),
         ("data.std", config.data.std, all(v > 0 for v in config.data.std), "positive"),
         ("data.min_scale", config.data.min_scale, 0 < config.data.min_scale <= 1, "in (0, 1]"),
@@ -248,6 +262,12 @@ def ignored_run_fields(config: ml_collections.ConfigDict) -> list[str]:
             unread("optim", name, f"optim.name={opt!r} does not read it (it applies to {', '.join(names)})")
     if not config.model.pretrained:
         unread("model", "weights_dir", "model.pretrained is '' (random initialisation): no weights are loaded")
+    t = config.train
+    if not (t.mixup_alpha > 0 or t.cutmix_alpha > 0):
+        for name in ("mix_prob", "mix_switch_prob", "mix_off_epoch"):
+            unread("train", name, "train.mixup_alpha and train.cutmix_alpha are 0 (no MixUp / CutMix)")
+    elif not (t.mixup_alpha > 0 and t.cutmix_alpha > 0):
+        unread("train", "mix_switch_prob", "it chooses between MixUp and CutMix; only one of their alphas is > 0")
     if config.model.head != "fastai":
         unread("model", "head_dropout", f"model.head={config.model.head!r} has no dropout (only the fastai head)")
     return out

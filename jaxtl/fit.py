@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtl import checkpoint, groups, loop, metrics, progress, schedules
+from jaxtl.mix import Regularise
 from jaxtl.train import make_train_step
 
 PyTree = Any
@@ -36,6 +37,23 @@ def optimizer(learn: Any, group_lrs: Sequence[Any], momentum: Any, mask: PyTree)
 
     return build_optimizer(learn.config.optim, learn.variables["params"], list(group_lrs), momentum, mask,
                            keep_state_structure=not bool(learn.config.train.reset_opt_on_freeze))
+
+
+def train_step(learn: Any, tx: Any, mask: PyTree) -> Callable[[PyTree, Any], tuple[PyTree, dict[str, Any]]]:
+    """The placed train step of a phase (or lr_find) with the config's label smoothing / MixUp / CutMix
+    (``jaxtl.mix``). With ``train.mix_off_epoch`` > 0 (timm's ``mixup_off_epoch``), a second step without mixing
+    serves the data epochs from that one on (compiled when first used)."""
+    reg = Regularise.from_config(learn.config.train)
+
+    def build(r: Regularise) -> Callable[[PyTree, Any], tuple[PyTree, dict[str, Any]]]:
+        return learn.par.train_step(make_train_step(learn.model, tx, mask, axis_name=learn.par.model_axis_name,
+                                                    transform=learn.transform, regularise=r))
+
+    off = int(learn.config.train.mix_off_epoch)
+    if not (reg.mixes and off > 0):
+        return build(reg)
+    mixing, plain = build(reg), build(reg.without_mixing())
+    return lambda state, batch: (mixing if learn.data_epoch < off else plain)(state, batch)
 
 
 def fit_phase(learn: Any, epochs: int, lrs: Sequence[float], div: float, div_final: float, pct_start: float,
@@ -57,8 +75,7 @@ def fit_phase(learn: Any, epochs: int, lrs: Sequence[float], div: float, div_fin
     else:
         prepare_opt_state(learn, tx)
         learn._smooth.reset()  # fastai resets the smoothed loss at each fit
-    learn._train_step = learn.par.train_step(make_train_step(learn.model, tx, mask, axis_name=learn.par.model_axis_name,
-                                                             transform=learn.transform))
+    learn._train_step = train_step(learn, tx, mask)
     head_lrs = np.asarray(jax.jit(jax.vmap(lr_sched))(jnp.arange(epochs * spe)))[:, -1]
     plan = loop.Plan(epochs, spe, head_lrs, start, int(learn.config.train.max_steps))
     rows: list[dict[str, Any]] = []
@@ -127,8 +144,7 @@ def lr_find(learn: Any, start_lr: float, end_lr: float, num_it: int, stop_div: b
     sched = schedules.lr_find_schedule(start_lr, end_lr, num_it)
     mask = learn.trainable_mask()
     tx = optimizer(learn, [sched] * groups.N_GROUPS, None, mask)
-    step = learn.par.train_step(make_train_step(learn.model, tx, mask, axis_name=learn.par.model_axis_name,
-                                                transform=learn.transform))
+    step = train_step(learn, tx, mask)
     spe = int(learn.data.steps_per_epoch)
     plan = loop.Plan(-(-n_it // spe), spe, np.asarray(jax.jit(jax.vmap(sched))(jnp.arange(n_it))), (0, 0), n_it)
     smooth, lrs, losses, best = metrics.SmoothLoss(), [], [], [math.inf]

@@ -27,6 +27,7 @@ from flax import struct
 
 from jaxtl import metrics
 from jaxtl.device_augment import BatchTransform
+from jaxtl.mix import Regularise, regularised_batch, regularised_loss
 
 PyTree = Any
 Batch = dict[str, jax.Array]
@@ -96,6 +97,7 @@ def make_train_step(
     axis_name: str | None = None,
     split_frozen_body: bool = True,
     transform: BatchTransform | None = None,
+    regularise: Regularise | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """Build ``step(state, batch) -> (state, {"loss": mean loss})``.
 
@@ -105,9 +107,11 @@ def make_train_step(
     ``split_frozen_body``: when the body has no trainable leaf, run it as a separate forward pass under
     ``stop_gradient`` (no backward pass through it). ``transform``: the batch's images -> model input on the device
     (``BatchTransform.train``: fastai's batch augmentation + normalisation of uint8 batches); None: the images as
-    they are.
+    they are. ``regularise``: label smoothing / MixUp / CutMix (``jaxtl.mix``) on the model input and the loss,
+    drawn from the step's key; None or inactive: the plain cross-entropy.
     """
     frozen_body = split_frozen_body and body_is_frozen(trainable)
+    reg = regularise if regularise is not None and regularise.active else None
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         mask, treedef = _flat_mask(trainable, state.params)
@@ -123,6 +127,8 @@ def make_train_step(
             rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
         images = batch["image"] if transform is None else transform.train(batch)
         labels = batch["label"]
+        if reg is not None:
+            images, lam = regularised_batch(rng, images, reg)
 
         if frozen_body:
             feats, mut = model.apply(state.variables, images, True, method="features", mutable=["batch_stats"])
@@ -134,7 +140,9 @@ def make_train_step(
             params = merge(leaves, flat)
             logits, mut = model.apply({"params": params, "batch_stats": batch_stats}, inputs, True,
                                       method=method, mutable=["batch_stats"], rngs={"dropout": rng})
-            return cross_entropy(logits, labels).mean(), mut["batch_stats"]
+            loss = cross_entropy(logits, labels).mean() if reg is None else \
+                regularised_loss(logits, labels, lam, reg)
+            return loss, mut["batch_stats"]
 
         (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(train_leaves)
         if axis_name is not None:
