@@ -131,6 +131,10 @@ def base_config() -> ml_collections.ConfigDict:
     t.mix_prob = 1.0  # probability a batch is mixed
     t.mix_switch_prob = 0.5  # both alphas > 0: probability of CutMix rather than MixUp
     t.mix_off_epoch = 0  # no mixing from this (data) epoch on (0 = mix throughout)
+    # moving average of the weights (jaxtl/ema.py; timm ModelEmaV3 semantics, BatchNorm statistics included)
+    t.ema_decay = 0.0  # 0 = off; e.g. 0.999 (timm's train.py default 0.9998)
+    t.ema_warmup = False  # timm use_warmup: decay min(ema_decay, 1 - (1 + step)^(-2/3))
+    t.eval_ema = True  # with EMA on: validate, predict and export the EMA weights
     t.sync_every = 0  # steps between host reads of the losses (0 = auto: 1 on CPU, 16 on GPU/TPU)
     t.compile_cache_dir = ""  # JAX persistent compilation cache ('' = ~/.cache/jaxtl/xla)
     t.distributed = False  # call jax.distributed.initialize() (multi-host)
@@ -226,6 +230,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         ("train.mix_switch_prob", config.train.mix_switch_prob, 0 <= config.train.mix_switch_prob <= 1,
          "in [0, 1]"),
         ("train.mix_off_epoch", config.train.mix_off_epoch, config.train.mix_off_epoch >= 0, ">= 0 (0 = never)"),
+        ("train.ema_decay", config.train.ema_decay, 0 <= config.train.ema_decay < 1, "in [0, 1) (0 = off)"),
         ("data.size", config.data.size, config.data.size >= 1, ">= 1"),
         ("data.std", config.data.std, all(v > 0 for v in config.data.std), "positive"),
         ("data.min_scale", config.data.min_scale, 0 < config.data.min_scale <= 1, "in (0, 1]"),
@@ -268,6 +273,9 @@ def ignored_run_fields(config: ml_collections.ConfigDict) -> list[str]:
             unread("train", name, "train.mixup_alpha and train.cutmix_alpha are 0 (no MixUp / CutMix)")
     elif not (t.mixup_alpha > 0 and t.cutmix_alpha > 0):
         unread("train", "mix_switch_prob", "it chooses between MixUp and CutMix; only one of their alphas is > 0")
+    if not t.ema_decay > 0:
+        for name in ("ema_warmup", "eval_ema"):
+            unread("train", name, "train.ema_decay is 0 (no weight EMA)")
     if config.model.head != "fastai":
         unread("model", "head_dropout", f"model.head={config.model.head!r} has no dropout (only the fastai head)")
     return out

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtl import checkpoint, groups, loop, metrics, progress, schedules
+from jaxtl.ema import Ema
 from jaxtl.mix import Regularise
 from jaxtl.train import make_train_step
 
@@ -41,13 +42,15 @@ def optimizer(learn: Any, group_lrs: Sequence[Any], momentum: Any, mask: PyTree)
 
 def train_step(learn: Any, tx: Any, mask: PyTree) -> Callable[[PyTree, Any], tuple[PyTree, dict[str, Any]]]:
     """The placed train step of a phase (or lr_find) with the config's label smoothing / MixUp / CutMix
-    (``jaxtl.mix``). With ``train.mix_off_epoch`` > 0 (timm's ``mixup_off_epoch``), a second step without mixing
-    serves the data epochs from that one on (compiled when first used)."""
+    (``jaxtl.mix``) and weight EMA (``jaxtl.ema``). With ``train.mix_off_epoch`` > 0 (timm's
+    ``mixup_off_epoch``), a second step without mixing serves the data epochs from that one on (compiled when
+    first used)."""
     reg = Regularise.from_config(learn.config.train)
 
     def build(r: Regularise) -> Callable[[PyTree, Any], tuple[PyTree, dict[str, Any]]]:
         return learn.par.train_step(make_train_step(learn.model, tx, mask, axis_name=learn.par.model_axis_name,
-                                                    transform=learn.transform, regularise=r))
+                                                    transform=learn.transform, regularise=r,
+                                                    ema=Ema.from_config(learn.config.train)))
 
     off = int(learn.config.train.mix_off_epoch)
     if not (reg.mixes and off > 0):
@@ -220,6 +223,19 @@ def save(learn: Any, phase: int, epochs: int, pos: tuple[int, int], row: dict[st
         "config": learn.config.to_dict() if hasattr(learn.config, "to_dict") else {}})
     state = learn.par.get_state(learn.state)
     learn._ckpt.save(learn.global_step, state, meta, best=is_best)  # asynchronous; one copy when best
+
+
+def load_weights(learn: Any, best: bool) -> None:
+    """``Learner.load``: params, BatchNorm statistics and (when on) the EMA from the best (else latest) checkpoint,
+    cast to the Learner's dtypes."""
+    if learn._ckpt is None:
+        raise ValueError("load needs a work dir with checkpoints")
+    raw = learn._ckpt.restore_state(None, best=best and learn._ckpt.latest_step(best=True) is not None)
+    like = learn.variables
+    cast = {k: jax.tree.map(lambda t, x: np.asarray(x, t.dtype), like[k], raw[k]) for k in like}
+    if learn.state.ema is not None and raw.get("ema") is not None:
+        cast["ema"] = {k: jax.tree.map(lambda t, x: np.asarray(x, t.dtype), like[k], raw["ema"][k]) for k in like}
+    learn.state = learn.state.replace(**learn.par.put_state(cast))
 
 
 def restore(learn: Any, meta: dict[str, Any], tx: Any) -> tuple[int, int]:

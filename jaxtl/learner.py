@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxtl import checkpoint, fit, groups, loop, metrics, parallel, progress, schedules
+from jaxtl import checkpoint, ema, fit, groups, loop, metrics, parallel, progress, schedules
 from jaxtl.device_augment import BatchTransform
 from jaxtl.predict import predict_in_batches
 from jaxtl.train import TrainState, compute_dtype, make_eval_step, make_predict_step
@@ -78,8 +78,11 @@ class Learner:
             raise ValueError(f"config field train.metric='top_5_accuracy' is computed only with more than 5 classes; "
                              f"this data has {self.num_classes}: choose error_rate, accuracy, valid_loss or train_loss")
         rng = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), 1)
+        average = ema.start(variables) if ema.Ema.from_config(t) else None  # train.ema_decay > 0
+        self.eval_ema = average is not None and bool(t.eval_ema)  # validate / export the EMA weights
         self.state = self.par.put_state(TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                                                   batch_stats=variables["batch_stats"], opt_state=None, rng=rng))
+                                                   batch_stats=variables["batch_stats"], opt_state=None, rng=rng,
+                                                   ema=average))
         self.n_frozen_groups = 0
         self._reset_opt = True
         self.history: list[dict[str, Any]] = []
@@ -161,6 +164,15 @@ class Learner:
         """Current ``{"params", "batch_stats"}`` (one replica, device arrays)."""
         st = self.par.get_state(self.state)
         return {"params": st.params, "batch_stats": st.batch_stats}
+
+    @property
+    def eval_variables(self) -> dict[str, PyTree]:
+        """The weights validation, prediction and export use: the EMA with ``train.eval_ema``, else
+        :attr:`variables` (one replica)."""
+        return self.par.get_state(self._placed_eval_variables())
+
+    def _placed_eval_variables(self) -> dict[str, PyTree]:  # as the steps take them (placed by self.par)
+        return dict(self.state.ema) if self.eval_ema else {k: getattr(self.state, k) for k in ("params", "batch_stats")}
 
     def request_stop(self) -> None:
         """Ask the running fit to stop after the current step (checkpoint saved). Safe from a signal handler."""
@@ -260,13 +272,8 @@ class Learner:
         return fit.fit_phase(self, epochs, lrs, div, div_final, pct_start, moms)
 
     def load(self, best: bool = True) -> None:
-        """Load params and BatchNorm statistics from the work dir's best (else latest) checkpoint."""
-        if self._ckpt is None:
-            raise ValueError("load needs a work dir with checkpoints")
-        raw = self._ckpt.restore_state(None, best=best and self._ckpt.latest_step(best=True) is not None)
-        like = self.variables
-        cast = {k: jax.tree.map(lambda t, x: np.asarray(x, t.dtype), like[k], raw[k]) for k in like}
-        self.state = self.state.replace(**self.par.put_state(cast))
+        """Load params, BatchNorm statistics (and the EMA) from the work dir's best (else latest) checkpoint."""
+        fit.load_weights(self, best)
 
     # ------------------------------------------------------------------------------------------ evaluation
     def validate(self) -> dict[str, float]:
@@ -276,7 +283,7 @@ class Learner:
             names = ["valid_loss", "error_rate", "accuracy"] + (["top_5_accuracy"] if self.num_classes > 5 else [])
             return dict.fromkeys(names, float("nan"))
         t0 = time.perf_counter()
-        variables = {"params": self.state.params, "batch_stats": self.state.batch_stats}
+        variables = self._placed_eval_variables()
         total: dict[str, float] | None = None
         for b in self.data.valid_batches():
             # Each batch's sums are fetched (float64 on the host) before the next batch is dispatched: the eval
@@ -291,7 +298,7 @@ class Learner:
 
     def _probs(self, images: np.ndarray) -> np.ndarray:
         """Softmax probabilities of one batch of ``data.batch_size`` normalised images (this process's rows)."""
-        variables = {"params": self.state.params, "batch_stats": self.state.batch_stats}
+        variables = self._placed_eval_variables()
         return self.par.local_outputs(self._predict(variables, self.par.put_batch({"x": images})["x"]))
 
     def predict(self, images: Any) -> np.ndarray:

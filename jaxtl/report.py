@@ -44,7 +44,7 @@ def write_report(learn: Any, top_k: int = 9) -> dict[str, Path]:
     arch = getattr(learn.model, "arch", learn.config.model.arch)
     head = getattr(learn.model, "head_kind", learn.config.model.head)
     d = learn.data
-    out["model"] = save_for_inference(workdir, jax.device_get(learn.variables), arch=arch, head=head,
+    out["model"] = save_for_inference(workdir, jax.device_get(learn.eval_variables), arch=arch, head=head,
                                       classes=learn.classes, size=int(d.size), mean=d.mean, std=d.std)
     return out
 

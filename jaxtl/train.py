@@ -27,6 +27,7 @@ from flax import struct
 
 from jaxtl import metrics
 from jaxtl.device_augment import BatchTransform
+from jaxtl.ema import Ema
 from jaxtl.mix import Regularise, regularised_batch, regularised_loss
 
 PyTree = Any
@@ -50,7 +51,8 @@ class TrainState(struct.PyTreeNode):
     """Everything a train step reads and writes.
 
     ``step`` counts optimiser steps over the whole life of the Learner (it never resets between phases); the
-    dropout key of a step is ``fold_in(rng, step)``. Schedules read their own count from ``opt_state``.
+    dropout key of a step is ``fold_in(rng, step)``. Schedules read their own count from ``opt_state``. ``ema``:
+    the weights' moving average (``jaxtl.ema``) when on.
     """
 
     step: jax.Array
@@ -58,6 +60,7 @@ class TrainState(struct.PyTreeNode):
     batch_stats: PyTree
     opt_state: PyTree
     rng: jax.Array
+    ema: PyTree = None  # {"params", "batch_stats"} averaged by jaxtl.ema (train.ema_decay > 0), else None
 
     @classmethod
     def create(cls, params: PyTree, batch_stats: PyTree, tx: optax.GradientTransformation, rng: jax.Array,
@@ -98,6 +101,7 @@ def make_train_step(
     split_frozen_body: bool = True,
     transform: BatchTransform | None = None,
     regularise: Regularise | None = None,
+    ema: Ema | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """Build ``step(state, batch) -> (state, {"loss": mean loss})``.
 
@@ -108,7 +112,8 @@ def make_train_step(
     ``stop_gradient`` (no backward pass through it). ``transform``: the batch's images -> model input on the device
     (``BatchTransform.train``: fastai's batch augmentation + normalisation of uint8 batches); None: the images as
     they are. ``regularise``: label smoothing / MixUp / CutMix (``jaxtl.mix``) on the model input and the loss,
-    drawn from the step's key; None or inactive: the plain cross-entropy.
+    drawn from the step's key; None or inactive: the plain cross-entropy. ``ema``: update ``state.ema`` (params
+    and BatchNorm statistics) after the optimiser step (``jaxtl.ema``).
     """
     frozen_body = split_frozen_body and body_is_frozen(trainable)
     reg = regularise if regularise is not None and regularise.active else None
@@ -152,7 +157,13 @@ def make_train_step(
         stepped = treedef.flatten_up_to(optax.apply_updates(state.params, updates))
         # frozen leaves: the old arrays, untouched (bit-identical whatever the optimiser returned for them)
         params = merge([s for s, m in zip(stepped, mask, strict=True) if m], flat)
-        new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state)
+        average = state.ema
+        if ema is not None:
+            if average is None:
+                raise ValueError("train.ema_decay > 0 but the TrainState has no ema (start it with jaxtl.ema.start)")
+            average = ema.update(average, {"params": params, "batch_stats": new_stats}, state.step + 1)
+        new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state,
+                                  ema=average)
         return new_state, {"loss": loss}
 
     return step

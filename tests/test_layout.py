@@ -70,7 +70,8 @@ def test_layers():
         if mod not in ("jaxtl.ablation", "jaxtl.main", "jaxtl.learner"):
             assert "jaxtl.learner" not in deps, f"{mod} imports the Learner facade"
     assert graph["jaxtl.loop"] <= {"jaxtl.metrics", "jaxtl.progress"}
-    assert graph["jaxtl.train"] <= {"jaxtl.metrics", "jaxtl.mix", SHARED_LEAF}
+    assert graph["jaxtl.train"] <= {"jaxtl.metrics", "jaxtl.mix", "jaxtl.ema", SHARED_LEAF}
+    assert not graph["jaxtl.ema"], "jaxtl.ema (the weights' moving average) is pure JAX + optax"
     assert not graph["jaxtl.mix"], "jaxtl.mix (the step's regularisation) is pure JAX + optax"
 
 

@@ -101,13 +101,17 @@ def test_history_csv_table_tensorboard_and_compile_once(init_vars, tmp_path, cap
     assert probs.shape == (5, C) and np.allclose(probs.sum(-1), 1, atol=1e-5)
 
 
+REGULARISED = {"ema_decay": 0.9, "label_smoothing": 0.1, "mixup_alpha": 0.4, "cutmix_alpha": 1.0}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("at_batch", [5, 3])
-def test_resume_after_sigint_equals_uninterrupted_run(init_vars, tmp_path, at_batch, default_sigint):
+@pytest.mark.parametrize("at_batch,train", [(5, {}), (3, {}), (5, REGULARISED)])
+def test_resume_after_sigint_equals_uninterrupted_run(init_vars, tmp_path, at_batch, train, default_sigint):
     """fine_tune(1) (frozen epoch + unfrozen epoch, 3 batches each) interrupted by a real SIGINT in the middle of
     the unfrozen phase (batch 5) or on the frozen epoch's last batch (3), then resumed by a new Learner:
-    parameters, BatchNorm statistics, optimiser state and history are bit-identical."""
-    ref = make(init_vars, tmp_path / "ref")
+    parameters, BatchNorm statistics, optimiser state, the weights' EMA and history are bit-identical (also with
+    EMA, label smoothing and MixUp/CutMix on: their draws come from the step's key)."""
+    ref = make(init_vars, tmp_path / "ref", **train)
     ref.fine_tune(1, freeze_epochs=1)
     assert not ref.stopped_early and len(ref.history) == 2
 
@@ -120,19 +124,21 @@ def test_resume_after_sigint_equals_uninterrupted_run(init_vars, tmp_path, at_ba
             os.kill(os.getpid(), signal.SIGINT)
 
     data.hook = interrupt
-    a = make(init_vars, tmp_path / "run", data)
+    a = make(init_vars, tmp_path / "run", data, **train)
     a.fine_tune(1, freeze_epochs=1)
     assert a.stopped_early and a.stop_reason == "interrupted"
     assert a.global_step == at_batch and a._ckpt.latest_step() == at_batch
     assert len(a.history) == 1  # the frozen epoch completed (with its row) in both cases
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler removed after the fit
 
-    b = make(init_vars, tmp_path / "run")
+    b = make(init_vars, tmp_path / "run", **train)
     b.fine_tune(1, freeze_epochs=1, resume=True)
     assert not b.stopped_early and b.global_step == ref.global_step == 6
     assert_bit_equal(b.state.params, ref.state.params)
     assert_bit_equal(b.state.batch_stats, ref.state.batch_stats)
     assert_bit_equal(b.state.opt_state, ref.state.opt_state)
+    assert_bit_equal(b.state.ema, ref.state.ema)
+    assert (b.state.ema is None) == (not train)
     assert strip_time(b.history) == strip_time(ref.history)
     assert b.n_frozen_groups == 0
 

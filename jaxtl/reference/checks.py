@@ -375,9 +375,9 @@ def run_all(verbose: Callable[[str], None] | None = None) -> list[CheckResult]:
             verbose(rule.name)
         results.extend(run_optimizer_rule(rule))
     results.extend(schedule_checks())
-    from jaxtl.reference import regularise  # label smoothing, MixUp, CutMix (jaxtl.mix)
+    from jaxtl.reference import ema, regularise  # label smoothing, MixUp, CutMix (jaxtl.mix); jaxtl.ema
 
-    results.extend(CheckResult(*row) for row in regularise.check_rows())
+    results.extend(CheckResult(*row) for row in regularise.check_rows() + ema.check_rows())
     return results
 
 
