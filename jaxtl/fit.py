@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from jaxtl import checkpoint, groups, loop, metrics, progress, schedules
 from jaxtl.ema import Ema
@@ -32,15 +33,24 @@ from jaxtl.train import make_train_step
 PyTree = Any
 
 
-def optimizer(learn: Any, group_lrs: Sequence[Any], momentum: Any, mask: PyTree) -> Any:
-    """``build_optimizer`` from the config's ``optim`` section for one phase's lrs, momentum and mask."""
+def optimizer(learn: Any, group_lrs: Sequence[Any], momentum: Any, mask: PyTree, accumulate: bool = True) -> Any:
+    """``build_optimizer`` from the config's ``optim`` section for one phase's lrs, momentum and mask; with
+    ``train.accum_steps`` = k > 1 (and ``accumulate``) wrapped in ``optax.MultiSteps``: the mean gradient of k
+    steps makes one update, so the schedules (inside) count optimiser steps."""
     from jaxtl.optim import build_optimizer
 
-    return build_optimizer(learn.config.optim, learn.variables["params"], list(group_lrs), momentum, mask,
-                           keep_state_structure=not bool(learn.config.train.reset_opt_on_freeze))
+    tx = build_optimizer(learn.config.optim, learn.variables["params"], list(group_lrs), momentum, mask,
+                         keep_state_structure=not bool(learn.config.train.reset_opt_on_freeze))
+    k = accum_steps(learn)
+    return optax.MultiSteps(tx, every_k_schedule=k).gradient_transformation() if accumulate and k > 1 else tx
 
 
-def train_step(learn: Any, tx: Any, mask: PyTree) -> Callable[[PyTree, Any], tuple[PyTree, dict[str, Any]]]:
+def accum_steps(learn: Any) -> int:
+    return int(learn.config.train.accum_steps)
+
+
+def train_step(learn: Any, tx: Any, mask: PyTree, accumulate: bool = True
+               ) -> Callable[[PyTree, Any], tuple[PyTree, dict[str, Any]]]:
     """The placed train step of a phase (or lr_find) with the config's label smoothing / MixUp / CutMix
     (``jaxtl.mix``) and weight EMA (``jaxtl.ema``). With ``train.mix_off_epoch`` > 0 (timm's
     ``mixup_off_epoch``), a second step without mixing serves the data epochs from that one on (compiled when
@@ -50,7 +60,8 @@ def train_step(learn: Any, tx: Any, mask: PyTree) -> Callable[[PyTree, Any], tup
     def build(r: Regularise) -> Callable[[PyTree, Any], tuple[PyTree, dict[str, Any]]]:
         return learn.par.train_step(make_train_step(learn.model, tx, mask, axis_name=learn.par.model_axis_name,
                                                     transform=learn.transform, regularise=r,
-                                                    ema=Ema.from_config(learn.config.train)))
+                                                    ema=Ema.from_config(learn.config.train),
+                                                    accum_steps=accum_steps(learn) if accumulate else 1))
 
     off = int(learn.config.train.mix_off_epoch)
     if not (reg.mixes and off > 0):
@@ -68,7 +79,12 @@ def fit_phase(learn: Any, epochs: int, lrs: Sequence[float], div: float, div_fin
     spe = int(learn.data.steps_per_epoch)
     if (meta is not None and meta["phase"] > phase) or learn.stopped_early or epochs * spe < 1:
         return []  # (a phase finished before the checkpoint is skipped: a later phase restores its state)
-    lr_sched, mom_sched = schedules.one_cycle(epochs * spe, list(lrs), div, div_final, pct_start, moms)
+    k = accum_steps(learn)
+    if epochs * spe < k:
+        raise ValueError(f"train.accum_steps={k} is more than the {epochs * spe} step(s) of this phase ({epochs} "
+                         f"epoch(s) x {spe}): no optimiser step would be taken; lower train.accum_steps")
+    # one-cycle over the phase's optimiser steps (k batches each); a last partial group is carried over
+    lr_sched, mom_sched = schedules.one_cycle(epochs * spe // k, list(lrs), div, div_final, pct_start, moms)
     mask = learn.trainable_mask()
     tx = optimizer(learn, schedules.split_schedule(lr_sched, groups.N_GROUPS), mom_sched, mask)
     start = (0, 0)
@@ -79,7 +95,8 @@ def fit_phase(learn: Any, epochs: int, lrs: Sequence[float], div: float, div_fin
         prepare_opt_state(learn, tx)
         learn._smooth.reset()  # fastai resets the smoothed loss at each fit
     learn._train_step = train_step(learn, tx, mask)
-    head_lrs = np.asarray(jax.jit(jax.vmap(lr_sched))(jnp.arange(epochs * spe)))[:, -1]
+    # the head lr each batch is trained with (the lr of the optimiser step its gradient goes into)
+    head_lrs = np.asarray(jax.jit(jax.vmap(lr_sched))(jnp.arange(epochs * spe) // k))[:, -1]
     plan = loop.Plan(epochs, spe, head_lrs, start, int(learn.config.train.max_steps))
     rows: list[dict[str, Any]] = []
     table = progress.EpochTable(learn.columns, enabled=learn.is_main)
@@ -146,8 +163,8 @@ def lr_find(learn: Any, start_lr: float, end_lr: float, num_it: int, stop_div: b
         n_it = min(n_it, int(learn.config.train.max_steps))
     sched = schedules.lr_find_schedule(start_lr, end_lr, num_it)
     mask = learn.trainable_mask()
-    tx = optimizer(learn, [sched] * groups.N_GROUPS, None, mask)
-    step = train_step(learn, tx, mask)
+    tx = optimizer(learn, [sched] * groups.N_GROUPS, None, mask, accumulate=False)  # the sweep: one lr per batch
+    step = train_step(learn, tx, mask, accumulate=False)
     spe = int(learn.data.steps_per_epoch)
     plan = loop.Plan(-(-n_it // spe), spe, np.asarray(jax.jit(jax.vmap(sched))(jnp.arange(n_it))), (0, 0), n_it)
     smooth, lrs, losses, best = metrics.SmoothLoss(), [], [], [math.inf]

@@ -102,6 +102,7 @@ def make_train_step(
     transform: BatchTransform | None = None,
     regularise: Regularise | None = None,
     ema: Ema | None = None,
+    accum_steps: int = 1,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """Build ``step(state, batch) -> (state, {"loss": mean loss})``.
 
@@ -113,7 +114,9 @@ def make_train_step(
     (``BatchTransform.train``: fastai's batch augmentation + normalisation of uint8 batches); None: the images as
     they are. ``regularise``: label smoothing / MixUp / CutMix (``jaxtl.mix``) on the model input and the loss,
     drawn from the step's key; None or inactive: the plain cross-entropy. ``ema``: update ``state.ema`` (params
-    and BatchNorm statistics) after the optimiser step (``jaxtl.ema``).
+    and BatchNorm statistics) after the optimiser step (``jaxtl.ema``). ``accum_steps`` = k > 1: ``tx`` is an
+    ``optax.MultiSteps`` (``train.accum_steps``) whose update is zero until the k-th step; the EMA then moves only
+    on those steps, as update number ``(step + 1) // k``.
     """
     frozen_body = split_frozen_body and body_is_frozen(trainable)
     reg = regularise if regularise is not None and regularise.active else None
@@ -161,7 +164,12 @@ def make_train_step(
         if ema is not None:
             if average is None:
                 raise ValueError("train.ema_decay > 0 but the TrainState has no ema (start it with jaxtl.ema.start)")
-            average = ema.update(average, {"params": params, "batch_stats": new_stats}, state.step + 1)
+            weights = {"params": params, "batch_stats": new_stats}
+            if accum_steps > 1:  # only when MultiSteps made an update (its micro-step wrapped to 0)
+                moved = ema.update(average, weights, (state.step + 1) // accum_steps)
+                average = jax.tree.map(lambda m, a: jnp.where(opt_state.mini_step == 0, m, a), moved, average)
+            else:
+                average = ema.update(average, weights, state.step + 1)
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state,
                                   ema=average)
         return new_state, {"loss": loss}

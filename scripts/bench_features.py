@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 # variant -> jaxtl.mix.Regularise fields (train.label_smoothing, mixup_alpha, cutmix_alpha, mix_prob, switch)
-# and "ema_decay" (train.ema_decay: jaxtl.ema in the step)
+# and "ema_decay" (train.ema_decay: jaxtl.ema in the step), "accum_steps" (optax.MultiSteps; timed per batch)
 VARIANTS: dict[str, dict[str, float]] = {
     "plain": {},
     "label smoothing 0.1": {"label_smoothing": 0.1},
@@ -32,6 +32,7 @@ VARIANTS: dict[str, dict[str, float]] = {
     "CutMix 1.0 + LS": {"label_smoothing": 0.1, "cutmix_alpha": 1.0},
     "MixUp/CutMix switch + LS": {"label_smoothing": 0.1, "mixup_alpha": 0.4, "cutmix_alpha": 1.0},
     "EMA 0.999": {"ema_decay": 0.999},
+    "accumulation 4 (per batch)": {"accum_steps": 4},
 }
 
 
@@ -50,16 +51,18 @@ def build(arch: str, size: int, batch: int, classes: int, fields: dict[str, floa
     model = create_model(arch, classes, "fastai", dtype=compute_dtype("auto"))
     variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)), train=False)
     mask = jax.tree.map(lambda _: True, variables["params"])
-    tx = optax.adam(1e-4)
-    state = TrainState.create(variables["params"], variables["batch_stats"], tx, jax.random.PRNGKey(1))
     fields = dict(fields)
+    k = int(fields.pop("accum_steps", 1))
+    tx = optax.adam(1e-4) if k == 1 else optax.MultiSteps(optax.adam(1e-4), k).gradient_transformation()
+    state = TrainState.create(variables["params"], variables["batch_stats"], tx, jax.random.PRNGKey(1))
     average = ema.Ema(fields.pop("ema_decay")) if "ema_decay" in fields else None
     if average is not None:
         state = state.replace(ema=ema.start(variables))
     rng = np.random.default_rng(0)
     data = {"image": jnp.asarray(rng.standard_normal((batch, size, size, 3)), jnp.float32),
             "label": jnp.asarray(rng.integers(0, classes, batch), jnp.int32)}
-    step = jax.jit(make_train_step(model, tx, mask, regularise=Regularise(**fields), ema=average), donate_argnums=0)
+    step = jax.jit(make_train_step(model, tx, mask, regularise=Regularise(**fields), ema=average, accum_steps=k),
+                   donate_argnums=0)
     return step, state, data
 
 

@@ -52,6 +52,7 @@ OTHER = {  # field -> another valid value
     "train.sync_every": 2,  # auto is 1 on the CPU
     "train.label_smoothing": 0.1, "train.mixup_alpha": 0.4, "train.cutmix_alpha": 1.0, "train.mix_prob": 0.5,
     "train.mix_switch_prob": 0.3, "train.mix_off_epoch": 1,  # the last three: only read with an alpha > 0
+    "train.accum_steps": 2,
     "train.ema_decay": 0.9, "train.ema_warmup": True, "train.eval_ema": False,  # the last two: with ema_decay > 0
     "train.compile_cache_dir": "<tmp>/other_xla", "train.distributed": True,
     "optim.name": "sgd", "optim.wd": 0.1, "optim.b2": 0.9, "optim.eps": 1e-3, "optim.nesterov": True,
@@ -123,9 +124,10 @@ def recorder(monkeypatch, tmp_path):
         events["weights"] = (spec, arch, cache_dir)
         return {}
 
-    def fake_make_train_step(model, tx, mask, axis_name=None, transform=None, regularise=None, ema=None):
+    def fake_make_train_step(model, tx, mask, axis_name=None, transform=None, regularise=None, ema=None,
+                             accum_steps=1):
         events.setdefault("opt", []).append(_opt_fingerprint(tx, mask, fake_make_train_step.params))
-        events.setdefault("regularise", []).append((regularise, ema))
+        events.setdefault("regularise", []).append((regularise, ema, accum_steps))
 
         def step(state, batch):
             return state, {"loss": jnp.float32(1.0)}

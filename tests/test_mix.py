@@ -110,7 +110,8 @@ def test_inactive_regularisation_is_the_plain_step_bit_for_bit():
 def test_mix_off_epoch_switches_to_the_step_without_mixing(monkeypatch):
     built = []
 
-    def fake_make_train_step(model, tx, mask, axis_name=None, transform=None, regularise=None):
+    def fake_make_train_step(model, tx, mask, axis_name=None, transform=None, regularise=None, ema=None,
+                             accum_steps=1):
         built.append(regularise)
         return lambda state, batch: (state, regularise)
 
