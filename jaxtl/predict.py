@@ -1,6 +1,7 @@
 """Prediction with a finished run::
 
     python -m jaxtl.predict --workdir DIR image.jpg [more images or folders] [--json] [--top-k K]
+    python -m jaxtl.predict --workdir DIR --export OUT    # portable jax.export artifact (jaxtl/export.py)
 
 Reads ``DIR/model.safetensors`` (jaxtl weights format; its metadata holds the arch, head, class names
 and the validation transform: size, mean, std), applies the validation transform (resize + centre crop,
@@ -134,7 +135,9 @@ def predict(workdir: str | os.PathLike, images: Sequence[str | os.PathLike], top
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m jaxtl.predict", description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", required=True, help="work dir of a finished run (holds model.safetensors)")
-    ap.add_argument("images", nargs="+", help="image files and/or folders of images")
+    ap.add_argument("images", nargs="*", help="image files and/or folders of images")
+    ap.add_argument("--export", metavar="DIR", default=None,
+                    help="write DIR/model.jax (jax.export, runs with jax + numpy only) and DIR/model.json")
     ap.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
     ap.add_argument("--top-k", type=int, default=1, help="also list the k most probable labels")
     args = ap.parse_args(argv)
@@ -142,6 +145,17 @@ def main(argv: list[str] | None = None) -> int:
         predictor = load_predictor(args.workdir)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.export:
+        from jaxtl.export import export_model
+
+        p = predictor
+        written = export_model(args.export, p.model, p.variables, p.classes, p.size, p.mean, p.std)
+        print(f"exported {written['model']} and {written['spec']}")
+        if not args.images:
+            return 0
+    if not args.images:
+        print("error: give image files or folders to predict, or --export DIR", file=sys.stderr)
         return 2
     paths = expand_images(args.images)
     if not paths:

@@ -25,20 +25,33 @@ class EvalTransform:
                                        input_signature=[tf.TensorSpec([], tf.string)])
 
     def _finish(self, rgb: tf.Tensor) -> tf.Tensor:
-        img = augment.eval_resize_crop(rgb, self.size)
-        return augment.normalize(tf.cast(img, tf.float32) / 255.0, self.mean, self.std)
+        return augment.normalize(tf.cast(self._pixels(rgb), tf.float32) / 255.0, self.mean, self.std)
+
+    def _pixels(self, rgb: tf.Tensor) -> tf.Tensor:
+        return augment.eval_resize_crop(rgb, self.size)
+
+    def pixels(self, image: str | os.PathLike | bytes | np.ndarray) -> np.ndarray:
+        """The transform before normalisation: uint8 ``(size, size, 3)`` (what ``jaxtl.export``'s artifact
+        takes)."""
+        return self._run(image, normalised=False)
 
     def __call__(self, image: str | os.PathLike | bytes | np.ndarray) -> np.ndarray:
+        return self._run(image, normalised=True)
+
+    def _run(self, image: str | os.PathLike | bytes | np.ndarray, normalised: bool) -> np.ndarray:
+        finish = self._finish if normalised else self._pixels
         if isinstance(image, np.ndarray):
             if image.ndim != 3 or image.shape[-1] != 3:
                 raise ValueError(f"an image array must be (h, w, 3) uint8, got shape {image.shape}")
-            return self._finish(tf.convert_to_tensor(image.astype(np.uint8))).numpy()
+            return finish(tf.convert_to_tensor(image.astype(np.uint8))).numpy()
         name = "the given bytes" if isinstance(image, bytes | bytearray) else str(image)
         try:
             data = decode.load_bytes(image)
         except OSError as e:
             raise FileNotFoundError(f"cannot read image {name}: {e.strerror or e}") from e
         try:
+            if not normalised:
+                return self._pixels(decode.decode_rgb(tf.constant(data))).numpy()
             return self._from_bytes(tf.constant(data)).numpy()
         except tf.errors.InvalidArgumentError as e:
             raise ValueError(f"cannot decode image {name}: {decode.tf_error_message(e)}") from e
