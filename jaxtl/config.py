@@ -38,6 +38,7 @@ TRAIN_FIELD_RECIPES: dict[str, tuple[str, ...]] = {
     "epochs": _FITS, "lr": _FITS, "pct_start": _FITS, "div": _FITS, "div_final": _FITS, "moms": _FITS,
     "metric": _FITS, "checkpoint": _FITS,
     "accum_steps": _FITS,  # lr_find's sweep sets one lr per batch
+    "tta": _FITS,
     # one_cycle is one phase: the frozen set never changes within it
     "freeze_epochs": ("fine_tune",), "lr_mult": ("fine_tune",), "reset_opt_on_freeze": ("fine_tune",),
 }
@@ -136,6 +137,7 @@ def base_config() -> ml_collections.ConfigDict:
     t.ema_decay = 0.0  # 0 = off; e.g. 0.999 (timm's train.py default 0.9998)
     t.ema_warmup = False  # timm use_warmup: decay min(ema_decay, 1 - (1 + step)^(-2/3))
     t.eval_ema = True  # with EMA on: validate, predict and export the EMA weights
+    t.tta = 0  # test-time augmentation after the last epoch: this many augmented passes (0 = off; fastai beta 0.25)
     t.accum_steps = 1  # gradient accumulation: one optimiser step per this many batches (optax.MultiSteps)
     t.sync_every = 0  # steps between host reads of the losses (0 = auto: 1 on CPU, 16 on GPU/TPU)
     t.compile_cache_dir = ""  # JAX persistent compilation cache ('' = ~/.cache/jaxtl/xla)
@@ -232,6 +234,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         ("train.mix_switch_prob", config.train.mix_switch_prob, 0 <= config.train.mix_switch_prob <= 1,
          "in [0, 1]"),
         ("train.mix_off_epoch", config.train.mix_off_epoch, config.train.mix_off_epoch >= 0, ">= 0 (0 = never)"),
+        ("train.tta", config.train.tta, config.train.tta >= 0, ">= 0 (0 = off)"),
         ("train.accum_steps", config.train.accum_steps, config.train.accum_steps >= 1, ">= 1 (1 = off)"),
         ("train.ema_decay", config.train.ema_decay, 0 <= config.train.ema_decay < 1, "in [0, 1) (0 = off)"),
         ("data.size", config.data.size, config.data.size >= 1, ">= 1"),

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxtl import checkpoint, ema, fit, groups, loop, metrics, parallel, progress, schedules
+from jaxtl import checkpoint, ema, fit, groups, loop, metrics, parallel, progress, schedules, tta
 from jaxtl.device_augment import BatchTransform
 from jaxtl.predict import predict_in_batches
 from jaxtl.train import TrainState, compute_dtype, make_eval_step, make_predict_step
@@ -315,6 +315,10 @@ class Learner:
             x = np.stack([self.data.preprocess_eval(it) for it in items]) if items else np.zeros((0, 1, 1, 3))
         return predict_in_batches(self._probs, x, int(self.data.batch_size)).reshape(len(x), self.num_classes)
 
+    def tta(self, n: int = 4, beta: float | None = 0.25) -> tuple[Any, np.ndarray]:
+        """fastai's ``Learner.tta`` on this process's validation images (``jaxtl.tta``; ``beta=None``: both)."""
+        return tta.tta(self, n, beta)
+
     def get_valid_preds(self, gather: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """(probs (N, C), labels (N,)): this process's validation images in ``data.valid_items`` order, or with
         ``gather=True`` the whole validation set on every process, in the global order (process ``p`` of ``n``
@@ -344,12 +348,7 @@ class Learner:
 
     def to_pandas(self) -> Any:
         """The history as a pandas DataFrame (needs pandas)."""
-        try:
-            import pandas as pd
-        except ImportError as e:
-            raise ImportError("Learner.to_pandas needs pandas (pip install pandas); history_table() and "
-                              "Learner.history work without it") from e
-        return pd.DataFrame(self.history)
+        return progress.to_pandas(self.history)
 
     def write_report(self, top_k: int = 9) -> dict[str, Path]:
         """Loss curves, confusion matrix, top losses (PNG) and ``model.safetensors`` for ``jaxtl.predict``, in the
@@ -386,7 +385,7 @@ def run_recipe(learn: Learner, config: ml_collections.ConfigDict | None = None,
     else:  # one_cycle (config.validate checked the choice)
         learn.fit_one_cycle(int(t.epochs), float(t.lr), div=div, div_final=float(t.div_final), pct_start=pct,
                             moms=tuple(t.moms), resume=resume)
-    summary: dict[str, Any] = {"recipe": str(t.recipe)}
+    summary: dict[str, Any] = {"recipe": str(t.recipe), **tta.after_fit(learn, int(t.tta))}  # train.tta
     if learn.history:
         last = learn.history[-1]
         summary.update({k: last[k] for k in learn.columns if k in last and k != "time"})

@@ -1,6 +1,6 @@
 """Prediction with a finished run::
 
-    python -m jaxtl.predict --workdir DIR image.jpg [more images or folders] [--json] [--top-k K]
+    python -m jaxtl.predict --workdir DIR image.jpg [more images or folders] [--json] [--top-k K] [--tta N]
     python -m jaxtl.predict --workdir DIR --export OUT    # portable jax.export artifact (jaxtl/export.py)
 
 Reads ``DIR/model.safetensors`` (jaxtl weights format; its metadata holds the arch, head, class names
@@ -77,8 +77,11 @@ class Predictor:
         probs = predict_in_batches(lambda x: self._apply(self.variables, x), images, batch_size)
         return probs.reshape(len(images), len(self.classes))
 
-    def predict(self, paths: Sequence[str | os.PathLike], batch_size: int = 32, top_k: int = 1) -> list[dict]:
-        """One dict per path: ``path, label, probability, top`` ([(label, p)] * top_k) or ``error``."""
+    def predict(self, paths: Sequence[str | os.PathLike], batch_size: int = 32, top_k: int = 1, tta: int = 0,
+                aug: Any = None) -> list[dict]:
+        """One dict per path: ``path, label, probability, top`` ([(label, p)] * top_k) or ``error``. ``tta`` > 0:
+        fastai's test-time augmentation with that many passes (``jaxtl.tta.predict_tta``; ``aug``: the run's
+        ``AugParams``, see :func:`run_aug`)."""
         results: list[dict] = []
         ok: list[tuple[int, np.ndarray]] = []
         for i, p in enumerate(paths):
@@ -89,7 +92,12 @@ class Predictor:
                 results.append({"path": str(p), "error": str(e)})
         if not ok:
             return results
-        probs = self.probabilities(np.stack([x for _, x in ok]), batch_size)
+        if tta:
+            from jaxtl.tta import predict_tta
+
+            probs = predict_tta(self, [paths[i] for i, _ in ok], tta, aug, batch_size=batch_size)
+        else:
+            probs = self.probabilities(np.stack([x for _, x in ok]), batch_size)
         for (i, _), pr in zip(ok, probs, strict=True):
             order = np.argsort(-pr)[:max(1, top_k)]
             results[i].update(label=self.classes[order[0]], probability=float(pr[order[0]]),
@@ -116,6 +124,22 @@ def load_predictor(workdir: str | os.PathLike) -> Predictor:
                      tuple(json.loads(meta["std"])))
 
 
+def run_aug(workdir: str | os.PathLike, size: int) -> Any:
+    """The run's augmentation (``AugParams`` from ``workdir/config.json``'s ``data`` section, the defaults when the
+    file is missing) at the model's ``size``: what ``--tta`` applies."""
+    import ml_collections
+
+    from jaxtl.config import base_config
+    from jaxtl.data.augment import AugParams
+
+    data = base_config().data
+    path = Path(workdir) / "config.json"
+    if path.is_file():
+        data.update(ml_collections.ConfigDict(json.loads(path.read_text()).get("data", {})))
+    data.size = int(size)
+    return AugParams.from_config(data)
+
+
 def expand_images(items: Sequence[str]) -> list[str]:
     """Files as given; folders expanded to the images inside them (sorted, recursive)."""
     from jaxtl.data import list_images
@@ -140,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="write DIR/model.jax (jax.export, runs with jax + numpy only) and DIR/model.json")
     ap.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
     ap.add_argument("--top-k", type=int, default=1, help="also list the k most probable labels")
+    ap.add_argument("--tta", type=int, default=0, metavar="N",
+                    help="test-time augmentation: N passes with the run's training transforms (fastai, beta 0.25)")
     args = ap.parse_args(argv)
     try:
         predictor = load_predictor(args.workdir)
@@ -161,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     if not paths:
         print(f"error: no images found in {args.images}", file=sys.stderr)
         return 2
-    results = predictor.predict(paths, top_k=args.top_k)
+    aug = run_aug(args.workdir, predictor.size) if args.tta else None
+    results = predictor.predict(paths, top_k=args.top_k, tta=args.tta, aug=aug)
     if args.json:
         print(json.dumps(results, indent=2))
     else:

@@ -203,3 +203,13 @@ def plot_lr_find(path: str | Path, lrs: Sequence[float], losses: Sequence[float]
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def to_pandas(history: list[dict[str, Any]]) -> Any:
+    """``Learner.to_pandas``: the history rows as a pandas DataFrame (pandas is optional)."""
+    try:
+        import pandas as pd
+    except ImportError as e:
+        raise ImportError("Learner.to_pandas needs pandas (pip install pandas); history_table() and "
+                          "Learner.history work without it") from e
+    return pd.DataFrame(history)

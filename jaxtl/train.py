@@ -212,6 +212,18 @@ def make_predict_step(model: nn.Module, transform: BatchTransform | None = None
     return step
 
 
+def make_tta_step(model: nn.Module, transform: BatchTransform | None = None
+                  ) -> Callable[[dict[str, PyTree], Batch], jax.Array]:
+    """Build ``step(variables, batch) -> softmax probabilities`` (float32, eval mode) of a batch *with its
+    training transforms* (``transform.train``: uint8 + the draws): one pass of test-time augmentation."""
+
+    def step(variables: dict[str, PyTree], batch: Batch) -> jax.Array:
+        images = batch["image"] if transform is None else transform.train(batch)
+        return jax.nn.softmax(model.apply(variables, images, False).astype(jnp.float32), axis=-1)
+
+    return step
+
+
 def enable_compilation_cache(cache_dir: str = "") -> Path:
     """Turn on JAX's persistent compilation cache in ``cache_dir`` ('' = ``~/.cache/jaxtl/xla``;
     ``config.train.compile_cache_dir``). Later runs with the same model, batch shape and phase skip XLA

@@ -52,7 +52,7 @@ OTHER = {  # field -> another valid value
     "train.sync_every": 2,  # auto is 1 on the CPU
     "train.label_smoothing": 0.1, "train.mixup_alpha": 0.4, "train.cutmix_alpha": 1.0, "train.mix_prob": 0.5,
     "train.mix_switch_prob": 0.3, "train.mix_off_epoch": 1,  # the last three: only read with an alpha > 0
-    "train.accum_steps": 2,
+    "train.accum_steps": 2, "train.tta": 2,
     "train.ema_decay": 0.9, "train.ema_warmup": True, "train.eval_ema": False,  # the last two: with ema_decay > 0
     "train.compile_cache_dir": "<tmp>/other_xla", "train.distributed": True,
     "optim.name": "sgd", "optim.wd": 0.1, "optim.b2": 0.9, "optim.eps": 1e-3, "optim.nesterov": True,
@@ -157,6 +157,7 @@ def recorder(monkeypatch, tmp_path):
     monkeypatch.setattr(parallel.DataParallel, "train_step", lambda self, fn: fn)
     monkeypatch.setattr(learner.loop.Loop, "run", spy_run)
     monkeypatch.setattr(learner.Learner, "validate", fake_validate)
+    monkeypatch.setattr(learner.tta, "after_fit", lambda learn, n: events.update(tta=n) or {})
     monkeypatch.setattr(checkpoint.Checkpointer, "save", fake_save)
     old_cache = jax.config.jax_compilation_cache_dir
 

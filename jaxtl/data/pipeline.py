@@ -137,11 +137,10 @@ class DataBundle:
 
     def _train_dataset(self, first_epoch: int, start_step: int) -> tf.data.Dataset:
         """Epochs ``first_epoch, first_epoch + 1, ...`` (the first from batch ``start_step``) as one dataset."""
-        b, s, src = self.batch_size, self.size, self._source
+        b, src = self.batch_size, self._source
         n_items = self.steps_per_epoch * b
         crop_base = streams.key(self.seed, self.process_index, streams.STREAM_CROP)
         batch_base = streams.key(self.seed, self.process_index, streams.STREAM_BATCH)
-        min_scale = self.aug.min_scale
         src.prepare()
 
         def epoch_items(epoch: tf.Tensor) -> tf.data.Dataset:
@@ -151,23 +150,58 @@ class DataBundle:
 
         def item(x: tf.Tensor, label: tf.Tensor, pos: tf.Tensor, epoch: tf.Tensor) -> tuple[tf.Tensor, ...]:
             key = tf.random.experimental.stateless_fold_in(streams.epoch_key(crop_base, epoch), pos)
-            crop = lambda h, w: augment.random_resized_crop_params(key, h, w, min_scale)
-            img = decode.crop_box(x, crop(tf.shape(x)[0], tf.shape(x)[1])) if src.decoded else \
-                decode.decode_crop(x, crop)
-            return augment.resize_uint8(img, s, s), label, pos, epoch
+            return self._augment_item(x, key, src.decoded), label, pos, epoch
 
         def batch(img: tf.Tensor, label: tf.Tensor, pos: tf.Tensor, epoch: tf.Tensor) -> dict[str, tf.Tensor]:
             key = tf.random.experimental.stateless_fold_in(streams.epoch_key(batch_base, epoch[0]), pos[0] // b)
-            if self.on_device:
-                return {"image": img, "label": label, **augment.batch_aug_params(key, b, self.aug)}
-            x = augment.augment_batch(tf.cast(img, tf.float32) / 255.0, key, self.aug)
-            return {"image": augment.normalize(x, self.mean, self.std), "label": label}
+            return self._augment_batch(img, label, key)
 
         ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(graph_fn(epoch_items))
         ds = ds.map(graph_fn(item), num_parallel_calls=self.num_parallel, deterministic=True)
         ds = ds.batch(b, drop_remainder=True)  # every epoch holds whole batches: none spans two
         ds = ds.map(graph_fn(batch), num_parallel_calls=self.num_parallel, deterministic=True)
         return ds.prefetch(tf.data.AUTOTUNE).with_options(options(self.num_parallel))
+
+    def _augment_item(self, x: tf.Tensor, key: tf.Tensor, decoded: bool) -> tf.Tensor:
+        """RandomResizedCrop (box from ``key``) of an encoded or decoded image, resized to ``size``, uint8."""
+        crop = lambda h, w: augment.random_resized_crop_params(key, h, w, self.aug.min_scale)
+        img = decode.crop_box(x, crop(tf.shape(x)[0], tf.shape(x)[1])) if decoded else decode.decode_crop(x, crop)
+        return augment.resize_uint8(img, self.size, self.size)
+
+    def _augment_batch(self, img: tf.Tensor, label: tf.Tensor, key: tf.Tensor) -> dict[str, tf.Tensor]:
+        """The batch transforms' draws from ``key`` (applied here with ``augment_device=host``)."""
+        if self.on_device:
+            return {"image": img, "label": label, **augment.batch_aug_params(key, self.batch_size, self.aug)}
+        x = augment.augment_batch(tf.cast(img, tf.float32) / 255.0, key, self.aug)
+        return {"image": augment.normalize(x, self.mean, self.std), "label": label}
+
+    def tta_batches(self, pass_index: int) -> Iterator[dict[str, np.ndarray]]:
+        """Pass ``pass_index`` of test-time augmentation: this process's validation images in ``valid_items`` order
+        with the *training* transforms (fastai's ``Learner.tta`` runs the validation set with ``split_idx=0``:
+        RandomResizedCrop and the batch transforms), keys from ``(seed, process, pass, position)``; padded to
+        ``valid_steps`` batches like :meth:`valid_batches` (the train batch's keys plus ``"mask"``)."""
+        b, src = self.batch_size, self._source
+        ds, decoded, n_local = src.valid_elements()
+        crop_key = tf.constant(streams.key(self.seed, self.process_index, streams.STREAM_TTA, pass_index))
+        batch_key = tf.constant(streams.key(self.seed, self.process_index, streams.STREAM_TTA_BATCH, pass_index))
+
+        def item(pos: tf.Tensor, e: tuple[tf.Tensor, tf.Tensor]) -> tuple[tf.Tensor, ...]:
+            key = tf.random.experimental.stateless_fold_in(crop_key, pos)
+            return self._augment_item(e[0], key, decoded), e[1], tf.constant(True), pos
+
+        ds = ds.enumerate().map(graph_fn(item), num_parallel_calls=self.num_parallel, deterministic=True)
+        pad = self.valid_steps * b - n_local
+        if pad:
+            zero = (tf.zeros([self.size, self.size, 3], tf.uint8), tf.constant(0, tf.int32), tf.constant(False))
+            pads = tf.data.Dataset.range(n_local, n_local + pad).map(graph_fn(lambda k: (*zero, k)))
+            ds = ds.concatenate(pads)
+
+        def batch(img: tf.Tensor, label: tf.Tensor, mask: tf.Tensor, pos: tf.Tensor) -> dict[str, tf.Tensor]:
+            key = tf.random.experimental.stateless_fold_in(batch_key, pos[0] // b)
+            return {**self._augment_batch(img, label, key), "mask": mask}
+
+        ds = ds.batch(b).map(graph_fn(batch), num_parallel_calls=self.num_parallel, deterministic=True)
+        return ds.prefetch(tf.data.AUTOTUNE).with_options(options(self.num_parallel)).as_numpy_iterator()
 
     # ----------------------------------------------------------------------------------- validation
     def valid_batches(self) -> Iterator[dict[str, np.ndarray]]:

@@ -32,6 +32,7 @@ def seed_scalar(k: tf.Tensor) -> tf.Tensor:
 
 
 STREAM_CROP, STREAM_BATCH, STREAM_SHUFFLE = 1, 2, 3  # independent random streams of an epoch
+STREAM_TTA, STREAM_TTA_BATCH = 4, 5  # test-time augmentation's crops and batch draws (per pass)
 
 
 class Stream:
