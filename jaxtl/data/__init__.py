@@ -7,6 +7,8 @@
                                                #  transforms' draws "affine", "flip", "lighting"} (data.augment_device
                                                #  = "host": {"image": f32 normalised, "label"})
     bundle.valid_batches()                     # {"image", "label", "mask": bool (B,), False on padding}
+    bundle.tta_batches(i)                      # pass i of TTA: the validation images with the training
+                                               #  transforms (train batch's keys + "mask")
     bundle.valid_items                         # [(path or TFDS id, label)] in valid_batches order
     bundle.preprocess_eval(path_or_bytes)      # f32 (S,S,3), the validation transform
     bundle.denormalize(images)                 # -> f32 in [0, 1] for plotting
