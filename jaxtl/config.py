@@ -70,6 +70,9 @@ def base_config() -> ml_collections.ConfigDict:
     d.valid_pct = 0.2
     d.seed = 42  # seed of the valid_pct split (fastai's RandomSplitter(seed=42))
     d.size = 224  # square crop side in pixels
+    # progressive resizing: ((from_epoch, size), ...) over the run's data epochs, e.g. ((0, 128), (2, 224)); starts
+    # at epoch 0 and ends at data.size; () = every epoch at data.size (jaxtl/data/sizes.py)
+    d.size_schedule = ()
     d.min_scale = 0.5  # RandomResizedCrop's smallest area fraction
     d.augment = True  # aug_transforms (rotate/zoom/warp/lighting) on the training set
     d.flip = True  # horizontal flips (part of aug_transforms)
@@ -220,6 +223,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     numbers("train.moms", config.train.moms, 3)
     numbers("data.mean", config.data.mean, 3)
     numbers("data.std", config.data.std, 3)
+    from jaxtl.data.sizes import check_size_schedule
+
+    check_size_schedule(config.data.size_schedule, int(config.data.size))
     for field, value, ok, rule in [
         ("train.lr", config.train.lr, config.train.lr > 0, "> 0"),
         ("train.epochs", config.train.epochs, config.train.epochs >= 0, ">= 0"),
@@ -284,6 +290,11 @@ def ignored_run_fields(config: ml_collections.ConfigDict) -> list[str]:
             unread("train", name, "train.ema_decay is 0 (no weight EMA)")
     if config.model.head != "fastai":
         unread("model", "head_dropout", f"model.head={config.model.head!r} has no dropout (only the fastai head)")
+    n_epochs = {"fine_tune": t.freeze_epochs + t.epochs, "one_cycle": t.epochs}.get(str(t.recipe), 1)
+    late = [tuple(e) for e in config.data.size_schedule if isinstance(e, tuple | list) and e and e[0] >= n_epochs]
+    if late:
+        out.append(f"config field data.size_schedule entries {late} are ignored: train.recipe={recipe!r} runs "
+                   f"{n_epochs} data epoch(s) (0..{n_epochs - 1})")
     return out
 
 

@@ -212,6 +212,8 @@ def fresh_opt_state(learn: Any, tx: Any) -> PyTree:
 def epoch_row(learn: Any, phase: int, seconds: float) -> dict[str, Any]:
     """Validate, append the epoch's history row, advance the data epoch, write CSV and TensorBoard."""
     row: dict[str, Any] = {"phase": phase, "epoch": learn.data_epoch, "train_loss": learn._smooth.value}
+    if "size" in learn.columns:  # data.size_schedule: the size this epoch trained and validates at
+        row["size"] = learn.data.size_at(learn.data_epoch)
     row.update(learn.validate())
     row["time"], row["seconds"] = progress.format_time(seconds), round(seconds, 3)
     learn.history.append(row)

@@ -73,7 +73,7 @@ class Learner:
         self.model = model.clone(dtype=compute_dtype(str(t.precision)), axis_name=self.par.model_axis_name)
         self.classes = list(data.classes)
         self.num_classes = len(self.classes)
-        self.columns = progress.columns_for(self.num_classes)
+        self.columns = progress.columns_for(self.num_classes, sized=bool(getattr(data, "size_schedule", ())))
         if str(t.metric) == "top_5_accuracy" and self.num_classes <= 5:
             raise ValueError(f"config field train.metric='top_5_accuracy' is computed only with more than 5 classes; "
                              f"this data has {self.num_classes}: choose error_rate, accuracy, valid_loss or train_loss")
@@ -285,7 +285,7 @@ class Learner:
         t0 = time.perf_counter()
         variables = self._placed_eval_variables()
         total: dict[str, float] | None = None
-        for b in self.data.valid_batches():
+        for b in self.data.valid_batches(self.data_epoch):  # at the size of the epoch (data.size_schedule)
             # Each batch's sums are fetched (float64 on the host) before the next batch is dispatched: the eval
             # programs carry an all-reduce and do not depend on each other, and two such programs in flight at
             # once can deadlock XLA:CPU's in-process collectives (parallel.py, "One collective program at a time").

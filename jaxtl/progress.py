@@ -15,9 +15,10 @@ from tqdm.auto import tqdm
 BASE_COLUMNS = ("epoch", "train_loss", "valid_loss", "error_rate", "accuracy")
 
 
-def columns_for(num_classes: int) -> list[str]:
-    """Table/CSV columns: fastai's, plus ``top_5_accuracy`` when there are more than 5 classes, then time."""
-    cols = list(BASE_COLUMNS)
+def columns_for(num_classes: int, sized: bool = False) -> list[str]:
+    """Table/CSV columns: fastai's, plus ``top_5_accuracy`` when there are more than 5 classes, then time;
+    ``sized`` (a ``data.size_schedule``): the epoch's image size after the epoch."""
+    cols = list(BASE_COLUMNS[:1]) + (["size"] if sized else []) + list(BASE_COLUMNS[1:])
     if num_classes > 5:
         cols.append("top_5_accuracy")
     return cols + ["time"]

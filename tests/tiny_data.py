@@ -38,7 +38,7 @@ class TinyBundle:
                 batch = self.hook(epoch, i, batch) or batch
             yield batch
 
-    def valid_batches(self) -> Iterator[dict[str, np.ndarray]]:
+    def valid_batches(self, epoch: int | None = None) -> Iterator[dict[str, np.ndarray]]:
         b = self.batch_size
         for i in range(0, self.num_valid, b):
             x, y = self.xv[i:i + b], self.yv[i:i + b]

@@ -27,7 +27,7 @@ _EXPORTS = {
     "AugParams": "augment", "eval_size": "augment", "random_resized_crop_params": "augment",
     "scan_images": "decode",
     "make_demo_folder": "demo",
-    "DataBundle": "pipeline", "build_data": "pipeline",
+    "DataBundle": "pipeline", "build_data": "build",
     "show_batch": "show",
     "IMAGE_EXTENSIONS": "sources", "DataWarning": "sources", "is_cat": "sources", "list_images": "sources",
     "random_split": "sources", "resolve_tfds": "sources",

@@ -1,4 +1,5 @@
-"""``build_data``: the tf.data input pipeline behind the training engine (contract in docs/design.md).
+"""``DataBundle``: the tf.data input pipeline behind the training engine (contract in docs/design.md; built by
+``jaxtl.data.build.build_data``).
 
 Training epoch ``e`` on process ``i`` of ``n`` (all epochs of a run in one dataset: ``Dataset.range(first,
 ...).flat_map(epoch)``, the epoch an int64 tensor; every key below is ``streams.epoch_key(base, e)``, computed in
@@ -18,6 +19,9 @@ the graph):
    fastai runs its batch transforms on the GPU (1/4 of the bytes of float32, no per-pixel work on the host); on
    the host, the pipeline applies them (``augment.augment_batch``) and normalises, and sends float32.
 
+``data.size_schedule`` (progressive resizing, ``jaxtl.data.sizes``): epoch ``e`` crops and validates at
+``size_at(e)``; one pipeline covers the epochs of one size.
+
 Every random number is a function of ``(seed, epoch, process, position)``, so ``start_step=k`` yields exactly
 batches ``k, k+1, ...`` of the full epoch, whether the run's pipeline goes on or a new one starts there.
 Validation: squish to ``size + xtra``, centre crop (uint8, the eval step normalises; normalised float32 when the
@@ -28,32 +32,21 @@ every process with masked zeros. Every dataset gets :func:`options`
 
 from __future__ import annotations
 
-import logging
-import os
-import warnings
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+import dataclasses
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from jaxtl.data import augment, decode, sources, streams, tfds_items
+from jaxtl.data import augment, decode, sizes, streams
 from jaxtl.data.decode import graph_fn
 from jaxtl.data.eval_transform import EvalTransform
-from jaxtl.data.sources import DataWarning
 from jaxtl.data.tf_import import tf
-from jaxtl.device_augment import augment_on_device
-
-log = logging.getLogger("jaxtl.data")
 
 # jaxtl computes with JAX; keep TF (input pipeline only) off any GPU it might see.
 try:
     tf.config.set_visible_devices([], "GPU")
 except (RuntimeError, ValueError):  # already initialised by the caller: leave it
     pass
-
-
-def _warn(msg: str) -> None:
-    warnings.warn(msg, DataWarning, stacklevel=3)
 
 
 class DataBundle:
@@ -77,10 +70,12 @@ class DataBundle:
         corrupt: dict[str, str],
         description: str,
         on_device: bool = False,
+        size_schedule: sizes.Schedule = (),
     ) -> None:
         self.classes = classes
         self.aug = aug
-        self.size = aug.size
+        self.size = aug.size  # the final size (prediction, TTA); epochs follow size_schedule
+        self.size_schedule = sizes.check_size_schedule(size_schedule, self.size)
         self.batch_size = batch_size
         self.seed = seed
         self.process_index = process_index
@@ -103,12 +98,17 @@ class DataBundle:
                 f"process(es)) or add images ({description})")
         n_local_max = -(-num_valid // process_count)
         self.valid_steps = -(-n_local_max // batch_size)
-        self._valid_ds: tf.data.Dataset | None = None
+        self._valid_ds: dict[int, tf.data.Dataset] = {}  # by size
         self._run_iter: Iterator[dict[str, np.ndarray]] | None = None  # the run-long training pipeline
         self._run_at: tuple[int, int] | None = None  # (epoch, step) of its next batch
+        self._run_end: int | None = None  # its first epoch of another size (data.size_schedule), None: none
         self.pipelines_built = 0  # training pipelines built (one per run unless it is asked out of order)
         # fastai's validation transform for prediction (file path, bytes or uint8 array -> f32 (S, S, 3))
         self.preprocess_eval = EvalTransform(self.size, self.mean, self.std)
+
+    def size_at(self, epoch: int | None) -> int:
+        """The image side of data epoch ``epoch`` (``data.size_schedule``; None: ``data.size``, the final one)."""
+        return self.size if epoch is None else sizes.size_at(self.size_schedule, epoch, self.size)
 
     # ------------------------------------------------------------------------------------- training
     def train_batches(self, epoch: int, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
@@ -120,7 +120,8 @@ class DataBundle:
         The batches come from the bundle's one run-long pipeline (epochs ``e, e+1, ...`` in one tf.data graph):
         asking for the epoch (and step) where the last batch taken left off reuses it, so the next epoch's
         batches are decoded while this one's validation runs; any other position (a resume, ``show_batch``, an
-        abandoned epoch) starts a new one there. Either way batch ``k`` of an epoch is the same."""
+        abandoned epoch) or a new size (``data.size_schedule``: a pipeline covers the epochs of one size) starts a
+        new one there. Either way batch ``k`` of an epoch is the same."""
         if not 0 <= start_step <= self.steps_per_epoch:
             raise ValueError(f"start_step={start_step} is outside [0, steps_per_epoch={self.steps_per_epoch}]")
         return self._from_run(epoch, start_step)
@@ -132,12 +133,17 @@ class DataBundle:
                 self.pipelines_built += 1
             self._run_at = None  # in case next() raises
             batch = next(self._run_iter)
-            self._run_at = (epoch, step + 1) if step + 1 < self.steps_per_epoch else (epoch + 1, 0)
+            at = (epoch, step + 1) if step + 1 < self.steps_per_epoch else (epoch + 1, 0)
+            self._run_at = at if self._run_end is None or at[0] < self._run_end else None
             yield batch
 
     def _train_dataset(self, first_epoch: int, start_step: int) -> tf.data.Dataset:
-        """Epochs ``first_epoch, first_epoch + 1, ...`` (the first from batch ``start_step``) as one dataset."""
+        """Epochs ``first_epoch, first_epoch + 1, ...`` (the first from batch ``start_step``) of one size as one
+        dataset."""
         b, src = self.batch_size, self._source
+        size = self.size_at(first_epoch)
+        aug = dataclasses.replace(self.aug, size=size)
+        self._run_end = sizes.next_change(self.size_schedule, first_epoch)
         n_items = self.steps_per_epoch * b
         crop_base = streams.key(self.seed, self.process_index, streams.STREAM_CROP)
         batch_base = streams.key(self.seed, self.process_index, streams.STREAM_BATCH)
@@ -150,29 +156,31 @@ class DataBundle:
 
         def item(x: tf.Tensor, label: tf.Tensor, pos: tf.Tensor, epoch: tf.Tensor) -> tuple[tf.Tensor, ...]:
             key = tf.random.experimental.stateless_fold_in(streams.epoch_key(crop_base, epoch), pos)
-            return self._augment_item(x, key, src.decoded), label, pos, epoch
+            return self._augment_item(x, key, src.decoded, size), label, pos, epoch
 
         def batch(img: tf.Tensor, label: tf.Tensor, pos: tf.Tensor, epoch: tf.Tensor) -> dict[str, tf.Tensor]:
             key = tf.random.experimental.stateless_fold_in(streams.epoch_key(batch_base, epoch[0]), pos[0] // b)
-            return self._augment_batch(img, label, key)
+            return self._augment_batch(img, label, key, aug)
 
-        ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(graph_fn(epoch_items))
+        last = 2**62 if self._run_end is None else self._run_end
+        ds = tf.data.Dataset.range(first_epoch, last).flat_map(graph_fn(epoch_items))
         ds = ds.map(graph_fn(item), num_parallel_calls=self.num_parallel, deterministic=True)
         ds = ds.batch(b, drop_remainder=True)  # every epoch holds whole batches: none spans two
         ds = ds.map(graph_fn(batch), num_parallel_calls=self.num_parallel, deterministic=True)
         return ds.prefetch(tf.data.AUTOTUNE).with_options(options(self.num_parallel))
 
-    def _augment_item(self, x: tf.Tensor, key: tf.Tensor, decoded: bool) -> tf.Tensor:
+    def _augment_item(self, x: tf.Tensor, key: tf.Tensor, decoded: bool, size: int) -> tf.Tensor:
         """RandomResizedCrop (box from ``key``) of an encoded or decoded image, resized to ``size``, uint8."""
         crop = lambda h, w: augment.random_resized_crop_params(key, h, w, self.aug.min_scale)
         img = decode.crop_box(x, crop(tf.shape(x)[0], tf.shape(x)[1])) if decoded else decode.decode_crop(x, crop)
-        return augment.resize_uint8(img, self.size, self.size)
+        return augment.resize_uint8(img, size, size)
 
-    def _augment_batch(self, img: tf.Tensor, label: tf.Tensor, key: tf.Tensor) -> dict[str, tf.Tensor]:
+    def _augment_batch(self, img: tf.Tensor, label: tf.Tensor, key: tf.Tensor, aug: augment.AugParams
+                       ) -> dict[str, tf.Tensor]:
         """The batch transforms' draws from ``key`` (applied here with ``augment_device=host``)."""
         if self.on_device:
-            return {"image": img, "label": label, **augment.batch_aug_params(key, self.batch_size, self.aug)}
-        x = augment.augment_batch(tf.cast(img, tf.float32) / 255.0, key, self.aug)
+            return {"image": img, "label": label, **augment.batch_aug_params(key, self.batch_size, aug)}
+        x = augment.augment_batch(tf.cast(img, tf.float32) / 255.0, key, aug)
         return {"image": augment.normalize(x, self.mean, self.std), "label": label}
 
     def tta_batches(self, pass_index: int) -> Iterator[dict[str, np.ndarray]]:
@@ -187,7 +195,7 @@ class DataBundle:
 
         def item(pos: tf.Tensor, e: tuple[tf.Tensor, tf.Tensor]) -> tuple[tf.Tensor, ...]:
             key = tf.random.experimental.stateless_fold_in(crop_key, pos)
-            return self._augment_item(e[0], key, decoded), e[1], tf.constant(True), pos
+            return self._augment_item(e[0], key, decoded, self.size), e[1], tf.constant(True), pos
 
         ds = ds.enumerate().map(graph_fn(item), num_parallel_calls=self.num_parallel, deterministic=True)
         pad = self.valid_steps * b - n_local
@@ -198,22 +206,24 @@ class DataBundle:
 
         def batch(img: tf.Tensor, label: tf.Tensor, mask: tf.Tensor, pos: tf.Tensor) -> dict[str, tf.Tensor]:
             key = tf.random.experimental.stateless_fold_in(batch_key, pos[0] // b)
-            return {**self._augment_batch(img, label, key), "mask": mask}
+            return {**self._augment_batch(img, label, key, self.aug), "mask": mask}
 
         ds = ds.batch(b).map(graph_fn(batch), num_parallel_calls=self.num_parallel, deterministic=True)
         return ds.prefetch(tf.data.AUTOTUNE).with_options(options(self.num_parallel)).as_numpy_iterator()
 
     # ----------------------------------------------------------------------------------- validation
-    def valid_batches(self) -> Iterator[dict[str, np.ndarray]]:
+    def valid_batches(self, epoch: int | None = None) -> Iterator[dict[str, np.ndarray]]:
         """All of this process's validation images once, in ``valid_items`` order, padded to ``valid_steps``
         batches: ``{"image": uint8 (B,S,S,3), "label": i32 (B,), "mask": bool (B,)}`` (mask False on padding;
-        the eval step normalises the images; with the transforms on the host: normalised float32)."""
-        if self._valid_ds is None:
-            self._valid_ds = self._build_valid()
-        return self._valid_ds.as_numpy_iterator()
+        the eval step normalises the images; with the transforms on the host: normalised float32). ``S``: the size
+        of data epoch ``epoch`` (``size_at``; None: ``data.size``)."""
+        s = self.size_at(epoch)
+        if s not in self._valid_ds:
+            self._valid_ds[s] = self._build_valid(s)
+        return self._valid_ds[s].as_numpy_iterator()
 
-    def _build_valid(self) -> tf.data.Dataset:
-        s, b = self.size, self.batch_size
+    def _build_valid(self, s: int) -> tf.data.Dataset:
+        b = self.batch_size
         ds, decoded, n_local = self._source.valid_elements()
 
         def item(x: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
@@ -251,12 +261,13 @@ class DataBundle:
         return augment.denormalize(images, self.mean, self.std)
 
     def __repr__(self) -> str:
+        sized = f"size schedule {self.size_schedule}" if self.size_schedule else f"size {self.size}"
         return (f"DataBundle({self.num_train} train / {self.num_valid} valid images, {len(self.classes)} classes, "
-                f"size {self.size}, batch {self.batch_size} x {self.steps_per_epoch} steps/epoch, "
+                f"{sized}, batch {self.batch_size} x {self.steps_per_epoch} steps/epoch, "
                 f"process {self.process_index}/{self.process_count}; {self.description})")
 
 
-# --------------------------------------------------------------------------------------- build_data
+# ------------------------------------------------------------------------------------------ options
 def options(num_parallel: int | None) -> tf.data.Options:
     """The ``tf.data.Options`` of every jaxtl dataset, set on purpose rather than left to defaults: element order
     deterministic (exact resume, the same batches on every run); the autotuner on, within ``data.num_workers``
@@ -273,121 +284,3 @@ def options(num_parallel: int | None) -> tf.data.Options:
     if num_parallel is not None and num_parallel > 0:
         opts.threading.private_threadpool_size = int(num_parallel)
     return opts
-
-
-
-def _num_parallel(num_workers: int) -> int | None:
-    if num_workers < 0:
-        return tf.data.AUTOTUNE
-    return num_workers or None  # 0 = sequential
-
-
-def _drop_corrupt(split: sources.FileSplit, on_corrupt: str, cache_dir: str | None,
-                  num_parallel: int | None) -> tuple[sources.FileSplit, dict[str, str]]:
-    paths = [p for p, _ in split.train + split.valid]
-    bad = decode.scan_images(paths, split.root, cache_dir=cache_dir, num_parallel=num_parallel or 1)
-    if not bad:
-        return split, {}
-    lines = "\n  ".join(f"{p}: {why}" for p, why in bad.items())
-    if on_corrupt == "error":
-        raise ValueError(f"{len(bad)} unreadable image file(s) under {split.root}:\n  {lines}\n"
-                         "Fix or delete them, or set data.on_corrupt=skip to leave them out.")
-    if on_corrupt != "skip":
-        raise ValueError(f"config field data.on_corrupt={on_corrupt!r} is not valid; choose 'skip' or 'error'")
-    _warn(f"skipping {len(bad)} unreadable image file(s) under {split.root}:\n  {lines}")
-    keep = lambda items: [(p, y) for p, y in items if p not in bad]
-    return sources.FileSplit(keep(split.train), keep(split.valid), split.root, split.how, split.warnings), bad
-
-
-def build_data(
-    data_cfg: Any,
-    batch_size: int,
-    seed: int,
-    process_index: int = 0,
-    process_count: int = 1,
-    *,
-    label_func: Callable[[Any], Any] | None = None,
-    files: Sequence[str | os.PathLike] | None = None,
-    cache_dir: str | None = None,
-    download: bool | None = None,
-    image_key: str = "image",
-) -> DataBundle:
-    """Build the input pipeline for ``config.data`` (see the module docstring and docs/design.md).
-
-    ``batch_size`` is per process. ``label_func`` overrides ``data.label`` (it gets the file name for
-    ``source='name_func'``, the path for ``'folder'``); ``files`` is an explicit file list for ``'name_func'``;
-    ``cache_dir`` holds the corrupt-scan cache and the demo images (default ``$JAXTL_CACHE_DIR`` or
-    ``~/.cache/jaxtl``); ``download=True`` (default: config field ``data.download``) lets TFDS download and
-    prepare a missing dataset;
-    ``image_key`` names the TFDS image feature (the label comes from ``data.label``, e.g. ``feature:label``).
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
-    aug = augment.AugParams.from_config(data_cfg)
-    for field in ("mean", "std"):
-        v = tuple(getattr(data_cfg, field))
-        if len(v) != 3:
-            raise ValueError(f"config field data.{field} needs 3 values (RGB), got {v}")
-    if any(float(x) <= 0 for x in data_cfg.std):
-        raise ValueError(f"config field data.std must be positive, got {tuple(data_cfg.std)}")
-    source_name = str(data_cfg.source)
-    valid_pct, split_seed = float(data_cfg.valid_pct), int(data_cfg.seed)
-    if not 0.0 <= valid_pct < 1.0:
-        raise ValueError(f"config field data.valid_pct must be in [0, 1), got {valid_pct}")
-    num_parallel = _num_parallel(int(data_cfg.num_workers))
-    cache = bool(data_cfg.cache)
-    corrupt: dict[str, str] = {}
-    if label_func is not None and source_name not in ("folder", "name_func"):
-        raise ValueError(f"label_func labels files of data.source='folder' or 'name_func', not {source_name!r}")
-    if files is not None and source_name != "name_func":
-        raise ValueError(f"files=... is a file list for data.source='name_func', not {source_name!r}")
-    if source_name == "tfds":
-        plan = tfds_items.plan_tfds(data_cfg, bool(data_cfg.download) if download is None else download, image_key)
-        src = streams.TfdsStream(plan, image_key, process_index, process_count, cache,
-                                 max(1, int(data_cfg.shuffle_buffer)))
-        classes, num_train, num_valid, how = plan.classes, plan.num_train, plan.num_valid, plan.how
-        if num_train == 0:
-            raise ValueError(f"the training split of {how} is empty")
-        if num_valid == 0:
-            _warn(f"the validation set of {how} is empty; there will be no validation metrics")
-    elif source_name in ("folder", "name_func", "demo"):
-        if source_name == "demo":
-            from jaxtl.data.demo import make_demo_folder
-
-            root = make_demo_folder(int(data_cfg.demo_classes), int(data_cfg.demo_images), cache_dir=cache_dir)
-            split = sources.folder_split(root, "parent", valid_pct, split_seed)
-        elif source_name == "folder":
-            if not data_cfg.path:
-                raise ValueError("config field data.path is empty but data.source='folder' needs a folder; "
-                                 "pass --config.data.path=/path/to/images")
-            split = sources.folder_split(data_cfg.path, str(data_cfg.label), valid_pct, split_seed, label_func)
-        else:
-            split = sources.name_func_split(data_cfg.path or None, str(data_cfg.label), valid_pct, split_seed,
-                                            label_func, files)
-        split, corrupt = _drop_corrupt(split, str(data_cfg.on_corrupt), cache_dir, num_parallel)
-        if corrupt and not split.train:
-            first = next(iter(corrupt.items()))
-            raise ValueError(f"none of the training images under {split.root} can be read: all {len(corrupt)} "
-                             f"unreadable file(s) were skipped (e.g. {first[0]}: {first[1]}); fix the files or "
-                             "point data.path at the right folder")
-        classes, warns = sources.check_classes([y for _, y in split.train], [y for _, y in split.valid],
-                                               split.root)
-        for w in warns:
-            _warn(w)
-        index = {c: i for i, c in enumerate(classes)}
-        train = [(p, index[y]) for p, y in split.train]
-        valid = [(p, index[y]) for p, y in split.valid]
-        src = streams.FileStream(train, valid, process_index, process_count, cache, num_parallel)
-        num_train, num_valid, how = len(train), len(valid), f"{split.root}: {split.how}"
-    else:
-        raise ValueError(f"config field data.source={source_name!r} is not valid; "
-                         "choose one of ['folder', 'name_func', 'tfds', 'demo']")
-    bundle = DataBundle(
-        classes=classes, aug=aug, batch_size=batch_size, seed=seed, process_index=process_index,
-        process_count=process_count, mean=data_cfg.mean, std=data_cfg.std, num_parallel=num_parallel,
-        num_train=num_train, num_valid=num_valid, source=src, corrupt=corrupt, description=how,
-        on_device=augment_on_device(str(data_cfg.augment_device)))
-    log.info("jaxtl.data: %r", bundle)
-    return bundle

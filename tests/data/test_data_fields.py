@@ -31,7 +31,7 @@ OTHER = {
     "p_lighting": 0.0, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "on_corrupt": "error",
     "tfds_name": "jaxtl_no_such_dataset", "data_dir": "empty_dir", "download": False, "tfds_split": "train",
     "num_workers": 1, "shuffle_buffer": 1, "cache": True, "demo_images": 8, "demo_classes": 3,
-    "augment_device": "host",
+    "augment_device": "host", "size_schedule": ((0, 24), (1, 32)),  # the base size is 32
 }
 NOT_WALKED = {"source": "it chooses the source; every other field is walked under each source"}
 # fields whose effect shows only in a particular state: both builds use these extra settings

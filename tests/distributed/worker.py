@@ -115,7 +115,7 @@ class TwoShards:
         for bs in zip(*parts, strict=True):
             yield {k: np.concatenate([b[k] for b in bs]) for k in bs[0]}
 
-    def valid_batches(self):
+    def valid_batches(self, epoch=None):
         for bs in zip(*[s.valid_batches() for s in self.shards], strict=True):
             yield {k: np.concatenate([b[k] for b in bs]) for k in bs[0]}
 
