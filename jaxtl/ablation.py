@@ -12,7 +12,12 @@ that ``python -m jaxtl.main`` runs the same way. ``Variant(overrides, fit)`` rep
 - ``JAXTL_PRETRAINED``: ``model.pretrained`` of the real mode (default ``resnet34.tv_in1k``);
 - ``JAXTL_NB_OUT``: output folder (default ``notebooks/out/<notebook name>``);
 - ``JAXTL_NB_SEEDS``: number of seeds (default 3, or 1 with ``SMALL=1``);
-- ``JAXTL_NB_MAX_STEPS``: ``train.max_steps`` (cap per fit; default 0 = none), for quick looks at the real mode.
+- ``JAXTL_NB_MAX_STEPS``: ``train.max_steps`` (cap per fit; default 0 = none), for quick looks at the real mode;
+- ``JAXTL_NB_ARCH``, ``JAXTL_NB_SIZE``: ``model.arch`` and ``data.size`` of the real mode (default resnet34, 224).
+
+A run's metrics are its last epoch's; with ``train.tta`` > 0 the validation metrics are TTA's (the ``tta(n)`` row
+under the last epoch) and the last epoch's error rate is kept as ``error_rate_no_tta``. ``wall_s`` is the run's
+whole wall time (data, model, compiles, epochs, validation, TTA).
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ class Settings:
     data_path: str
     pretrained: str
     max_steps: int
+    arch: str = "resnet34"
+    size: int = 224
 
 
 def _flag(name: str) -> bool:
@@ -73,7 +80,9 @@ def settings(name: str) -> Settings:
     data = os.environ.get("JAXTL_DATA", "") or str((root / DEFAULT_DATA).resolve())
     return Settings(name=name, small=small, seeds=tuple(range(n_seeds)), out_dir=out, data_path=data,
                     pretrained=os.environ.get("JAXTL_PRETRAINED", "") or DEFAULT_PRETRAINED,
-                    max_steps=int(os.environ.get("JAXTL_NB_MAX_STEPS", "") or 0))
+                    max_steps=int(os.environ.get("JAXTL_NB_MAX_STEPS", "") or 0),
+                    arch=os.environ.get("JAXTL_NB_ARCH", "") or "resnet34",
+                    size=int(os.environ.get("JAXTL_NB_SIZE", "") or 224))
 
 
 def base_config(s: Settings) -> ml_collections.ConfigDict:
@@ -96,8 +105,8 @@ def base_config(s: Settings) -> ml_collections.ConfigDict:
                                     "val/ (or class) sub-folders, or run with SMALL=1 for the generated demo data")
         c.data.source = "folder"
         c.data.path = s.data_path
-        c.data.size = 224
-        c.model.arch = "resnet34"
+        c.data.size = s.size
+        c.model.arch = s.arch
         c.model.pretrained = s.pretrained
         c.train.batch_size = 32
     c.train.recipe = "fine_tune"
@@ -174,14 +183,21 @@ def run_one(config: ml_collections.ConfigDict, workdir: str | Path | None = None
             fit: Callable[[Any, ml_collections.ConfigDict], Any] | None = None) -> tuple[dict[str, Any], list]:
     """Build a Learner from ``config``, run ``fit(learn, config)`` (default: ``run_recipe``, i.e.
     ``train.recipe``); returns (final metrics, history rows)."""
+    import time
+
     from jaxtl.learner import Learner, run_recipe
 
+    t0 = time.perf_counter()
     learn = Learner.from_config(config, workdir)
     try:
-        (fit or run_recipe)(learn, config)
+        result = (fit or run_recipe)(learn, config)
         hist = [dict(r) for r in learn.history]
         last = hist[-1] if hist else {}
         out: dict[str, Any] = {m: float(last.get(m, float("nan"))) for m in METRICS}
+        if isinstance(result, Mapping) and "tta_error_rate" in result:  # train.tta: the metrics with TTA
+            out["error_rate_no_tta"] = out["error_rate"]
+            out.update({m: float(result[f"tta_{m}"]) for m in ("error_rate", "valid_loss", "accuracy")})
+        out["wall_s"] = time.perf_counter() - t0
         out["epochs"] = len(hist)
         out["train_s"] = float(sum(float(r.get("seconds", 0.0)) for r in hist))
         # max_steps may cut epochs short; then a full epoch's image count would overstate the speed

@@ -32,18 +32,27 @@ DATA_FIELD_SOURCES: dict[str, tuple[str, ...]] = {
     "demo_classes": ("demo",),
 }
 
-_FITS = ("fine_tune", "one_cycle")
-# train fields that only some recipes read (lr_find: its own sweep, a fresh optimiser state, no epochs or checkpoints)
+_FITS = ("fine_tune", "one_cycle", "linear_probe")
+_IMAGE_STEPS = ("fine_tune", "one_cycle", "lr_find")  # train steps on images (linear_probe: on features)
+# train fields that only some recipes read (lr_find: its own sweep, a fresh optimiser state, no epochs or checkpoints;
+# linear_probe: the head on features computed once -- no image mixing, the body never trains)
 TRAIN_FIELD_RECIPES: dict[str, tuple[str, ...]] = {
     "epochs": _FITS, "lr": _FITS, "pct_start": _FITS, "div": _FITS, "div_final": _FITS, "moms": _FITS,
     "metric": _FITS, "checkpoint": _FITS,
     "accum_steps": _FITS,  # lr_find's sweep sets one lr per batch
     "tta": _FITS,
+    "train_bn": _IMAGE_STEPS, "mixup_alpha": _IMAGE_STEPS, "cutmix_alpha": _IMAGE_STEPS, "mix_prob": _IMAGE_STEPS,
+    "mix_switch_prob": _IMAGE_STEPS, "mix_off_epoch": _IMAGE_STEPS,
     # one_cycle is one phase: the frozen set never changes within it
     "freeze_epochs": ("fine_tune",), "lr_mult": ("fine_tune",), "reset_opt_on_freeze": ("fine_tune",),
 }
 _ADAMS = ("adam", "adamw", "lamb", "lamb_fastai")
 OPTIM_FIELD_NAMES: dict[str, tuple[str, ...]] = {"b2": _ADAMS, "eps": _ADAMS, "nesterov": ("sgd",)}
+
+
+# data fields of the training augmentation (RandomResizedCrop + fastai's aug_transforms)
+AUGMENT_FIELDS = ("min_scale", "augment", "flip", "max_rotate", "min_zoom", "max_zoom", "max_warp", "max_lighting",
+                  "p_affine", "p_lighting")
 
 
 class ConfigWarning(UserWarning):
@@ -111,7 +120,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.kernels = "auto"
 
     c.train = t = ml_collections.ConfigDict()
-    t.recipe = "fine_tune"  # fine_tune | one_cycle | lr_find
+    t.recipe = "fine_tune"  # fine_tune | one_cycle | lr_find | linear_probe (jaxtl/probe.py)
     t.epochs = 1
     t.freeze_epochs = 1
     t.lr = 2e-3  # base_lr (fine_tune) or lr_max (one_cycle)
@@ -290,7 +299,13 @@ def ignored_run_fields(config: ml_collections.ConfigDict) -> list[str]:
             unread("train", name, "train.ema_decay is 0 (no weight EMA)")
     if config.model.head != "fastai":
         unread("model", "head_dropout", f"model.head={config.model.head!r} has no dropout (only the fastai head)")
-    n_epochs = {"fine_tune": t.freeze_epochs + t.epochs, "one_cycle": t.epochs}.get(str(t.recipe), 1)
+    if recipe == "linear_probe":  # the features are computed once, at data.size, with the validation transform
+        why = "train.recipe='linear_probe' computes its features once with the validation transform"
+        d, dd = config.data, default.data
+        unread_data = ["size_schedule"] + ([] if t.tta > 0 else list(AUGMENT_FIELDS))  # train.tta reads them
+        out += [f"config field data.{n}={d[n]!r} is ignored: {why}" for n in unread_data if d[n] != dd[n]]
+        return out
+    n_epochs = {"fine_tune": t.freeze_epochs + t.epochs, "one_cycle": t.epochs}.get(recipe, 1)
     late = [tuple(e) for e in config.data.size_schedule if isinstance(e, tuple | list) and e and e[0] >= n_epochs]
     if late:
         out.append(f"config field data.size_schedule entries {late} are ignored: train.recipe={recipe!r} runs "

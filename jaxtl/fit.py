@@ -246,15 +246,20 @@ def save(learn: Any, phase: int, epochs: int, pos: tuple[int, int], row: dict[st
 
 def load_weights(learn: Any, best: bool) -> None:
     """``Learner.load``: params, BatchNorm statistics and (when on) the EMA from the best (else latest) checkpoint,
-    cast to the Learner's dtypes."""
+    cast to the Learner's dtypes; the parts a checkpoint lacks (the body, after ``linear_probe``) stay as they are."""
     if learn._ckpt is None:
         raise ValueError("load needs a work dir with checkpoints")
     raw = learn._ckpt.restore_state(None, best=best and learn._ckpt.latest_step(best=True) is not None)
     like = learn.variables
-    cast = {k: jax.tree.map(lambda t, x: np.asarray(x, t.dtype), like[k], raw[k]) for k in like}
+
+    def cast(got: dict[str, PyTree]) -> dict[str, PyTree]:  # a linear probe's checkpoints hold {"head": ...} only
+        return {k: {**like[k], **{part: jax.tree.map(lambda t, x: np.asarray(x, t.dtype), like[k][part], sub)
+                                  for part, sub in got[k].items()}} for k in like}
+
+    out = cast(raw)
     if learn.state.ema is not None and raw.get("ema") is not None:
-        cast["ema"] = {k: jax.tree.map(lambda t, x: np.asarray(x, t.dtype), like[k], raw["ema"][k]) for k in like}
-    learn.state = learn.state.replace(**learn.par.put_state(cast))
+        out["ema"] = cast(raw["ema"])
+    learn.state = learn.state.replace(**learn.par.put_state(out))
 
 
 def restore(learn: Any, meta: dict[str, Any], tx: Any) -> tuple[int, int]:

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxtl import checkpoint, ema, fit, groups, loop, metrics, parallel, progress, schedules, tta
+from jaxtl import checkpoint, ema, fit, groups, loop, metrics, parallel, probe, progress, schedules, tta
 from jaxtl.device_augment import BatchTransform
 from jaxtl.predict import predict_in_batches
 from jaxtl.train import TrainState, compute_dtype, make_eval_step, make_predict_step
@@ -358,10 +358,9 @@ class Learner:
         return write_report(self, top_k)
 
     def close(self) -> None:
-        if self._logger is not None:
-            self._logger.close()
-        if self._ckpt is not None:
-            self._ckpt.close()
+        for part in (self._logger, self._ckpt):
+            if part is not None:
+                part.close()
 
 
 # ---------------------------------------------------------------------------------------------- recipes
@@ -382,6 +381,8 @@ def run_recipe(learn: Learner, config: ml_collections.ConfigDict | None = None,
         learn.fine_tune(int(t.epochs), base_lr=float(t.lr), freeze_epochs=int(t.freeze_epochs),
                         lr_mult=float(t.lr_mult), pct_start=pct, div=div, div_final=float(t.div_final),
                         moms=tuple(t.moms), resume=resume)
+    elif t.recipe == "linear_probe":  # the head on the frozen body's features (jaxtl.probe)
+        probe.fit(learn, resume)
     else:  # one_cycle (config.validate checked the choice)
         learn.fit_one_cycle(int(t.epochs), float(t.lr), div=div, div_final=float(t.div_final), pct_start=pct,
                             moms=tuple(t.moms), resume=resume)

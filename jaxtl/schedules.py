@@ -28,9 +28,11 @@ from jaxtl.groups import N_GROUPS, even_mults, lr_for_groups
 
 Schedule = Callable[[jnp.ndarray | int], jnp.ndarray]
 # train.recipe -> the fastai defaults of its one-cycle phases for train.pct_start / train.div (-1 in the config).
-# ``jaxtl.learner.run_recipe`` runs them: fine_tune (fine_tune_plan), one_cycle (one fit_one_cycle), lr_find.
+# ``jaxtl.learner.run_recipe`` runs them: fine_tune (fine_tune_plan), one_cycle (one fit_one_cycle), lr_find,
+# linear_probe (jaxtl.probe: the head's fit_one_cycle on features computed once; one_cycle's defaults).
 RECIPES: dict[str, dict[str, float]] = {"fine_tune": {"pct_start": 0.3, "div": 5.0},
-                                        "one_cycle": {"pct_start": 0.25, "div": 25.0}, "lr_find": {}}
+                                        "one_cycle": {"pct_start": 0.25, "div": 25.0}, "lr_find": {},
+                                        "linear_probe": {}}
 
 
 def cos_anneal(start: float, end: float, pos: float) -> float:

@@ -212,6 +212,18 @@ def make_predict_step(model: nn.Module, transform: BatchTransform | None = None
     return step
 
 
+def make_features_step(model: nn.Module, transform: BatchTransform | None = None
+                       ) -> Callable[[dict[str, PyTree], jax.Array], jax.Array]:
+    """Build ``step(variables, images) -> pooled features`` (float32, eval mode, ``ResNet.pooled``;
+    ``transform.eval`` as in :func:`make_eval_step`): the linear probe's features (``jaxtl.probe``)."""
+
+    def step(variables: dict[str, PyTree], images: jax.Array) -> jax.Array:
+        images = images if transform is None else transform.eval(images)
+        return model.apply(variables, images, False, method="pooled").astype(jnp.float32)
+
+    return step
+
+
 def make_tta_step(model: nn.Module, transform: BatchTransform | None = None
                   ) -> Callable[[dict[str, PyTree], Batch], jax.Array]:
     """Build ``step(variables, batch) -> softmax probabilities`` (float32, eval mode) of a batch *with its

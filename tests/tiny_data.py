@@ -39,9 +39,15 @@ class TinyBundle:
             yield batch
 
     def valid_batches(self, epoch: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+        return self._padded(self.xv, self.yv)
+
+    def train_eval_batches(self) -> Iterator[dict[str, np.ndarray]]:
+        return self._padded(self.xt, self.yt)
+
+    def _padded(self, xs: np.ndarray, ys: np.ndarray) -> Iterator[dict[str, np.ndarray]]:
         b = self.batch_size
-        for i in range(0, self.num_valid, b):
-            x, y = self.xv[i:i + b], self.yv[i:i + b]
+        for i in range(0, len(ys), b):
+            x, y = xs[i:i + b], ys[i:i + b]
             m = np.ones(len(x), bool)
             pad = b - len(x)
             if pad:

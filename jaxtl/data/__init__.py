@@ -6,9 +6,12 @@
     bundle.train_batches(epoch, start_step=0)  # {"image": uint8 (B,S,S,3), "label": i32 (B,), + the batch
                                                #  transforms' draws "affine", "flip", "lighting"} (data.augment_device
                                                #  = "host": {"image": f32 normalised, "label"})
-    bundle.valid_batches()                     # {"image", "label", "mask": bool (B,), False on padding}
+    bundle.valid_batches(epoch=None)           # {"image", "label", "mask": bool (B,), False on padding}, at
+                                               #  the size of data epoch `epoch` (data.size_schedule; bundle.size_at)
     bundle.tta_batches(i)                      # pass i of TTA: the validation images with the training
                                                #  transforms (train batch's keys + "mask")
+    bundle.train_eval_batches()                # the training images once, fixed order, with the validation
+                                               #  transform (the linear probe's features)
     bundle.valid_items                         # [(path or TFDS id, label)] in valid_batches order
     bundle.preprocess_eval(path_or_bytes)      # f32 (S,S,3), the validation transform
     bundle.denormalize(images)                 # -> f32 in [0, 1] for plotting

@@ -219,21 +219,31 @@ class DataBundle:
         of data epoch ``epoch`` (``size_at``; None: ``data.size``)."""
         s = self.size_at(epoch)
         if s not in self._valid_ds:
-            self._valid_ds[s] = self._build_valid(s)
+            self._valid_ds[s] = self._build_eval(self._source.valid_elements(), s, self.valid_steps)
         return self._valid_ds[s].as_numpy_iterator()
 
-    def _build_valid(self, s: int) -> tf.data.Dataset:
+    def train_eval_batches(self) -> Iterator[dict[str, np.ndarray]]:
+        """This process's training images once, in a fixed order, with the *validation* transform at ``data.size``,
+        padded as :meth:`valid_batches` to the same number of batches on every process: the linear probe's
+        features (``jaxtl.probe``)."""
+        most = -(-self.num_train // self.process_count)  # the largest process share
+        steps = -(-most // self.batch_size)
+        return self._build_eval(self._source.train_elements(), self.size, steps, cache=False).as_numpy_iterator()
+
+    def _build_eval(self, elements: tuple[tf.data.Dataset, bool, int], s: int, steps: int, cache: bool = True
+                    ) -> tf.data.Dataset:
+        """Elements -> the validation transform at side ``s``, batched, padded to ``steps`` batches (masked)."""
         b = self.batch_size
-        ds, decoded, n_local = self._source.valid_elements()
+        ds, decoded, n_local = elements
 
         def item(x: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
             img = x if decoded else decode.decode_rgb(x)
             return augment.eval_resize_crop(img, s), label, tf.constant(True)
 
         ds = ds.map(graph_fn(item), num_parallel_calls=self.num_parallel, deterministic=True)
-        if self._source.cache:
+        if self._source.cache and cache:
             ds = ds.cache()
-        pad = self.valid_steps * b - n_local
+        pad = steps * b - n_local
         if pad:
             zero = (tf.zeros([s, s, 3], tf.uint8), tf.constant(0, tf.int32), tf.constant(False))
             ds = ds.concatenate(tf.data.Dataset.from_tensors(zero).repeat(pad))

@@ -54,6 +54,11 @@ class Stream:
         """``(dataset of (bytes or image, label int32), decoded?, number of elements)``."""
         raise NotImplementedError
 
+    def train_elements(self) -> tuple[tf.data.Dataset, bool, int]:
+        """This process's training elements once, in a fixed order, as :meth:`valid_elements` (the linear probe's
+        features)."""
+        raise NotImplementedError
+
     def valid_items(self) -> list[tuple[str, int]]:
         raise NotImplementedError
 
@@ -113,6 +118,13 @@ class FileStream(Stream):
     def valid_items(self) -> list[tuple[str, int]]:
         return list(self.valid)
 
+    def train_elements(self) -> tuple[tf.data.Dataset, bool, int]:
+        if self.cache:
+            return self._decoded_shard(), True, len(self.train_paths[self.pi::self.pc])
+        paths, labels = self.train_paths[self.pi::self.pc].astype(str), self.train_labels[self.pi::self.pc]
+        ds = tf.data.Dataset.from_tensor_slices((tf.constant(paths, tf.string), labels))
+        return ds.map(graph_fn(lambda p, y: (tf.io.read_file(p), y))), False, len(paths)
+
 
 class TfdsStream(Stream):
     """Examples of a :class:`jaxtl.data.tfds_items.TfdsPlan`: each side is a split string, a mask over its
@@ -164,6 +176,11 @@ class TfdsStream(Stream):
             empty = tf.data.Dataset.from_tensor_slices((tf.zeros([0], tf.string), tf.zeros([0], tf.int32)))
             return empty, False, 0
         return self._split(True).map(graph_fn(lambda x, y, i: (x, y))), False, self.num_valid_local
+
+    def train_elements(self) -> tuple[tf.data.Dataset, bool, int]:
+        self.prepare()
+        assert self._train_base is not None
+        return self._train_base, False, len(range(self.pi, self.plan.num_train, self.pc))
 
     def valid_items(self) -> list[tuple[str, int]]:
         if self._valid_items is None:  # one pass over the split's ids and labels (image bytes not decoded)

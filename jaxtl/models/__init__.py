@@ -9,7 +9,9 @@ module (``kernels``: ``jaxtl/models/kernels.py``, the only hardware-specific cod
 
 Two extra methods split the forward pass, e.g. to run a frozen body without its backward pass:
 ``model.apply(v, x, train, method="features")`` -> (N, h, w, C) and
-``model.apply(v, feats, train, method="classify")`` -> logits.
+``model.apply(v, feats, train, method="classify")`` -> logits. ``method="pooled"`` -> (N, P): the body's output
+through the head's parameter-free pooling; ``HeadOnly`` (``head_only(model)``) is the rest of the head on such
+vectors, with the full model's head parameters (``{"head": ...}``): the linear probe (``jaxtl.probe``).
 """
 
 from __future__ import annotations
@@ -45,20 +47,47 @@ class ResNet(nn.Module):
     def setup(self) -> None:
         self.body = ResNetBody(self.arch, self.zero_init_residual, self.dtype, self.axis_name, self.conv,
                                self.max_pool)
-        if self.head_kind == "fastai":
-            self.head = FastaiHead(self.num_classes, dropout=self.head_dropout, dtype=self.dtype,
-                                   axis_name=self.axis_name)
-        else:
-            self.head = LinearHead(self.num_classes, dtype=self.dtype)
+        self.head = make_head(self.head_kind, self.num_classes, self.head_dropout, self.dtype, self.axis_name)
 
     def features(self, x: jax.Array, train: bool = False) -> jax.Array:
         return self.body(x, train)
+
+    def pooled(self, x: jax.Array, train: bool = False) -> jax.Array:
+        return self.head.pool(self.body(x, train))
 
     def classify(self, feats: jax.Array, train: bool = False) -> jax.Array:
         return self.head(feats, train)
 
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         return self.classify(self.features(x, train), train)
+
+
+def make_head(kind: str, num_classes: int, dropout: float, dtype: Any, axis_name: str | None) -> nn.Module:
+    """``model.head`` -> its module (``HEADS``)."""
+    if kind == "fastai":
+        return FastaiHead(num_classes, dropout=dropout, dtype=dtype, axis_name=axis_name)
+    return LinearHead(num_classes, dtype=dtype)
+
+
+class HeadOnly(nn.Module):
+    """A ResNet's head on pooled features ``(N, P)`` (``ResNet.pooled``); parameters ``{"head": ...}``."""
+
+    num_classes: int = 1000
+    head_kind: str = "fastai"
+    dtype: Any = jnp.float32
+    head_dropout: float = 0.5
+    axis_name: str | None = None
+
+    def setup(self) -> None:
+        self.head = make_head(self.head_kind, self.num_classes, self.head_dropout, self.dtype, self.axis_name)
+
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        return self.head(x, train)
+
+
+def head_only(model: ResNet) -> HeadOnly:
+    """The head of ``model`` alone (same kind, classes, dropout, dtype, axis name)."""
+    return HeadOnly(model.num_classes, model.head_kind, model.dtype, model.head_dropout, model.axis_name)
 
 
 def create_model(
@@ -91,6 +120,7 @@ def count_params(params: Any) -> int:
 
 
 __all__ = [
-    "ARCHS", "HEADS", "KERNELS", "BatchNorm", "FastaiHead", "KernelSet", "LinearHead", "ResNet", "ResNetBody",
-    "concat_pool", "count_params", "create_model", "feature_dim", "kernel_set",
+    "ARCHS", "HEADS", "KERNELS", "BatchNorm", "FastaiHead", "HeadOnly", "KernelSet", "LinearHead", "ResNet",
+    "ResNetBody", "concat_pool", "count_params", "create_model", "feature_dim", "head_only", "kernel_set",
+    "make_head",
 ]

@@ -7,6 +7,9 @@ fastai head, input (N, h, w, C) -> logits (N, n_out)::
 
 Dense kernels use kaiming_normal_ (fan_in, gain sqrt(2), untruncated) and head BatchNorms start at
 scale 1, bias 1e-3, as fastai initialises them.
+
+Each head's pooling is parameter-free (``pool``); a head also takes already pooled features ``(N, P)`` (the linear
+probe, ``jaxtl.probe``, computes them once and trains the rest of the head on them).
 """
 
 from __future__ import annotations
@@ -34,9 +37,11 @@ class FastaiHead(nn.Module):
     dtype: Any = jnp.float32
     axis_name: str | None = None
 
+    pool = staticmethod(concat_pool)
+
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        x = concat_pool(x)
+        x = concat_pool(x) if x.ndim == 4 else x
         x = BatchNorm(dtype=self.dtype, bias_init=1e-3, axis_name=self.axis_name, name="bn1")(x, train)
         x = nn.Dropout(self.dropout / 2, deterministic=not train)(x)
         x = nn.Dense(self.hidden, use_bias=False, kernel_init=kaiming_normal_fan_in, dtype=self.dtype,
@@ -55,10 +60,14 @@ class LinearHead(nn.Module):
     num_classes: int
     dtype: Any = jnp.float32
 
+    @staticmethod
+    def pool(x: jax.Array) -> jax.Array:
+        return jnp.mean(x, axis=(1, 2))
+
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         del train
-        x = jnp.mean(x, axis=(1, 2))
+        x = self.pool(x) if x.ndim == 4 else x
         # torchvision's nn.Linear default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias.
         fan_in = x.shape[-1]
         bound = 1.0 / fan_in**0.5

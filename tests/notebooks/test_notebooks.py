@@ -34,6 +34,8 @@ EXPECTED = {
     "03_freezing": ["freeze 0", "freeze 1, train_bn on", "freeze 1, train_bn off", "freeze 2, train_bn on",
                     "freeze 2, train_bn off"],
     "04_parallel_precision": ["jit, float32", "jit, bfloat16", "pmap, float32", "pmap, bfloat16"],
+    "05_regularisation": ["baseline", "+label smoothing", "+MixUp", "+CutMix", "+EMA", "+TTA", "linear probe",
+                          "progressive resizing"],
 }
 
 
@@ -130,8 +132,14 @@ def test_notebook_runs_in_small_mode(name, kernel_env, tmp_path):
     if name == "02_recipes":  # model.pretrained="" really starts from another initialisation
         by = {r["variant"]: r for r in runs}
         assert by["from scratch"]["train_loss"] != by["one_cycle, unfrozen"]["train_loss"]
+    if name == "05_regularisation":  # TTA's metrics replace the last epoch's; the sizes follow the schedule
+        by = {r["variant"]: r for r in runs}
+        assert by["+TTA"]["error_rate_no_tta"] != "" and float(by["+TTA"]["wall_s"]) > 0
+        hist = read_csv(out / "runs" / ablation._slug("progressive resizing") / "seed0" / "history.csv")
+        assert [r["size"] for r in hist] == ["24", "32"]
     for v in EXPECTED[name]:  # each run's history.csv, one row per epoch
         hist = read_csv(out / "runs" / ablation._slug(v) / "seed0" / "history.csv")
+        hist = [r for r in hist if not r["epoch"].startswith("tta")]  # train.tta's row under the last epoch
         assert len(hist) == int(next(r for r in runs if r["variant"] == v)["epochs"]) >= 1
 
 
