@@ -158,4 +158,5 @@ def put_head(learn: Any, probe: Any) -> None:
     learn.data_epoch, learn.best_metric = probe.data_epoch, probe.best_metric
     learn.stopped_early, learn.stop_reason, learn.columns = probe.stopped_early, probe.stop_reason, probe.columns
     learn._loop.timings.update(probe._loop.timings)
+    learn._validate_s += probe._validate_s
     learn._loop.first_step_done_at = probe._loop.first_step_done_at
