@@ -18,12 +18,13 @@ augmentation fields (unless ``train.tta`` > 0, which uses them after the fit), `
 one-cycle fields apply as in ``one_cycle``.
 
 Features live in memory (float32 ``N x P``: 7,400 Pets images through ResNet-50's concat pool are 121 MB); above
-``IN_MEMORY_BYTES`` per split they go to a ``numpy.memmap`` file in the work dir (``probe_features/``), written once
-and read by the batches (numpy has no out-of-core array of its own beyond memmap; nothing else is needed).
+``IN_MEMORY_BYTES`` per split they stream to a raw float32 file in the work dir (``probe_features/``) and the
+batches read it as a ``numpy.memmap``.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -80,38 +81,48 @@ class FeatureData:
 def extract(learn: Any, batches: Iterable[dict[str, np.ndarray]], spill: Path | None
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(features (N, P) float32, labels (N,), mask (N,))`` of image batches through ``learn``'s body (eval mode,
-    the weights validation uses) and the head's pooling; into ``spill`` (a memmap) once they pass
-    ``IN_MEMORY_BYTES``."""
+    the weights validation uses) and the head's pooling. Once they pass ``IN_MEMORY_BYTES`` (and ``spill`` is
+    given) the rows go on to the raw float32 file ``spill`` as they come, read back as a read-only memmap."""
     step = learn.par.predict_step(make_features_step(learn.model, learn.transform))
     variables = learn._placed_eval_variables()
-    xs, ys, ms = [], [], []
-    for b in batches:
-        xs.append(learn.par.local_outputs(step(variables, learn.par.put_batch({"x": b["image"]})["x"])))
-        ys.append(np.asarray(b["label"], np.int32))
-        ms.append(np.asarray(b["mask"], bool))
-    if not xs:
+    held: list[np.ndarray] = []
+    ys, ms, n, f = [], [], 0, None
+    try:
+        for b in batches:
+            x = np.ascontiguousarray(learn.par.local_outputs(step(variables, learn.par.put_batch(
+                {"x": b["image"]})["x"])), np.float32)
+            if f is None and spill is not None and (n + len(x)) * x.shape[1] * 4 > IN_MEMORY_BYTES:
+                spill.parent.mkdir(parents=True, exist_ok=True)
+                f = open(spill, "wb")  # closed below, after the last batch
+                for h in held:
+                    f.write(h.tobytes())
+                held = []
+            if f is None:
+                held.append(x)
+            else:
+                f.write(x.tobytes())
+            n += len(x)
+            ys.append(np.asarray(b["label"], np.int32))
+            ms.append(np.asarray(b["mask"], bool))
+    finally:
+        if f is not None:
+            f.close()
+    if not ys:
         return np.zeros((0, 1), np.float32), np.zeros((0,), np.int32), np.zeros((0,), bool)
-    n, p = sum(len(x) for x in xs), xs[0].shape[1]
-    if spill is None or n * p * 4 <= IN_MEMORY_BYTES:
-        return np.concatenate(xs).astype(np.float32), np.concatenate(ys), np.concatenate(ms)
-    spill.parent.mkdir(parents=True, exist_ok=True)
-    out = np.lib.format.open_memmap(spill, mode="w+", dtype=np.float32, shape=(n, p))
-    at = 0
-    for x in xs:  # (the batches were held until here: a spill keeps the run's peak at one copy, not two)
-        out[at:at + len(x)] = x
-        at += len(x)
-    out.flush()
-    return out, np.concatenate(ys), np.concatenate(ms)
+    y, m = np.concatenate(ys), np.concatenate(ms)
+    if f is None:
+        return np.concatenate(held), y, m
+    return np.memmap(spill, np.float32, "r", shape=(n, os.path.getsize(spill) // (4 * n))), y, m
 
 
 def feature_data(learn: Any) -> FeatureData:
     """Run the body once over the training and validation images (validation transform)."""
     d = learn.data
     spill = None if learn.workdir is None else learn.workdir / "probe_features" / f"p{jax.process_index()}"
-    tx, ty, tm = extract(learn, d.train_eval_batches(), spill and spill.with_suffix(".train.npy"))
+    tx, ty, tm = extract(learn, d.train_eval_batches(), spill and spill.with_suffix(".train.f32"))
     n = int(tm.sum())  # the padding rows are the last ones
     train = (tx[:n], ty[:n])
-    valid = extract(learn, d.valid_batches(), spill and spill.with_suffix(".valid.npy"))
+    valid = extract(learn, d.valid_batches(), spill and spill.with_suffix(".valid.f32"))
     return FeatureData(train, valid, d.classes, d.batch_size, d.steps_per_epoch, d.num_valid, learn.config.seed,
                        jax.process_index())
 

@@ -69,6 +69,20 @@ def test_features_are_the_body_on_each_validation_transformed_image(imgs):
     assert sorted(orders[0]) == sorted(data.train_y) and not np.array_equal(orders[0], orders[1])
 
 
+def test_large_features_stream_to_a_file_in_the_work_dir(imgs, monkeypatch):
+    learn = Learner.from_config(cfg(imgs), imgs / "run")
+    held = probe.feature_data(learn)
+    monkeypatch.setattr(probe, "IN_MEMORY_BYTES", 3 * 4 * 1024)  # 3 rows of 1024 floats: spill from batch 1 on
+    spilled = probe.feature_data(learn)
+    assert isinstance(spilled.train_x, np.memmap) and isinstance(spilled.valid_x, np.memmap)
+    assert (imgs / "run" / "probe_features" / "p0.train.f32").stat().st_size == 20 * 1024 * 4
+    np.testing.assert_array_equal(spilled.train_x, held.train_x)
+    np.testing.assert_array_equal(spilled.valid_x, held.valid_x)
+    for a, b in zip(spilled.train_batches(3), held.train_batches(3), strict=True):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["label"], b["label"])
+
+
 def test_probe_trains_the_head_on_the_features_and_the_full_model_agrees(imgs, capsys):
     """Linear head: the first step's loss is NumPy's cross-entropy of the first batch's features; afterwards the
     full model (body + the probe's head) validates to the probe's last row, the body is bit-identical, and the
