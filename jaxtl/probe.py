@@ -140,6 +140,7 @@ def fit(learn: Any, resume: bool = False) -> Any:
     t, cfg = learn.config.train, learn.config.copy_and_resolve_references()
     cfg.train.mixup_alpha = cfg.train.cutmix_alpha = 0.0  # not read by this recipe (config.ignored_run_fields)
     data = feature_data(learn)
+    learn.data.size_schedule = ()  # not read by this recipe (a warning says so): the full model validates at data.size
     probe = type(learn)(head_only(learn.model), head_variables(learn.variables), data, cfg, None)  # a Learner
     # the run's work dir, history writer, checkpoints and stop requests (a signal handler, request_stop) are the
     # full Learner's

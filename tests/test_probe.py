@@ -88,6 +88,7 @@ def test_probe_trains_the_head_on_the_features_and_the_full_model_agrees(imgs, c
     full model (body + the probe's head) validates to the probe's last row, the body is bit-identical, and the
     rows are in the table and history.csv."""
     c = cfg(imgs, head="linear", epochs=3)
+    c.data.size_schedule = ((0, 24), (5, 32))  # not read by the probe (a warning): everything stays at data.size
     learn = Learner.from_config(c, imgs / "run")
     body_before = jax.tree.map(np.asarray, learn.variables["params"]["body"])
     head0 = jax.tree.map(np.asarray, learn.variables["params"]["head"]["fc"])
@@ -104,6 +105,7 @@ def test_probe_trains_the_head_on_the_features_and_the_full_model_agrees(imgs, c
     for k, x in zip(jax.tree.leaves(learn.variables["params"]["body"]), jax.tree.leaves(body_before), strict=True):
         assert np.asarray(k).tobytes() == x.tobytes()
     assert not np.allclose(np.asarray(learn.variables["params"]["head"]["fc"]["kernel"]), head0["kernel"])
+    assert learn.data.size_at(learn.data_epoch) == 32 and "size" not in learn.columns
     full = learn.validate()
     last = learn.history[-1]
     assert full["valid_loss"] == pytest.approx(last["valid_loss"], rel=1e-4, abs=1e-5)
